@@ -1,0 +1,250 @@
+"""Weak prompts (boxes, positive/negative points) and their rasterisation on an image grid.
+
+Prompts live in continuous IJK voxel coordinates of the image they were drawn on. Files give them in
+Slicer markups (`.mrk.json`, LPS or RAS) or in a voxel JSON (IJK).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .volume import Geometry
+
+PROMPT_CHANNELS = ("box", "box_hull", "positive", "negative", "mask")
+MASK_CHANNEL = PROMPT_CHANNELS.index("mask")
+THIN_BOX_VOXELS = 2.0  # a box thinner than this along an axis was drawn on one slice
+NEGATIVE_WORDS = ("neg", "background", "exclude")
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box in continuous IJK; corners are voxel centres included in the box."""
+
+    lo_ijk: tuple[float, float, float]
+    hi_ijk: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lo_ijk", tuple(float(c) for c in self.lo_ijk))
+        object.__setattr__(self, "hi_ijk", tuple(float(c) for c in self.hi_ijk))
+
+    def thin_axes(self) -> list[int]:
+        """IJK axes along which the box is a slice drawing rather than a 3D extent."""
+        return [axis for axis in range(3) if self.hi_ijk[axis] - self.lo_ijk[axis] < THIN_BOX_VOXELS]
+
+
+@dataclass(frozen=True)
+class Point:
+    ijk: tuple[float, float, float]
+    positive: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ijk", tuple(float(c) for c in self.ijk))
+
+
+@dataclass
+class PromptSet:
+    boxes: list[Box] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not self.boxes and not self.points
+
+    def __add__(self, other: PromptSet) -> PromptSet:
+        return PromptSet(self.boxes + other.boxes, self.points + other.points)
+
+    def validate(self, geometry: Geometry, require_prompts: bool = True) -> PromptSet:
+        """Raise InputError for empty sets, inverted boxes and prompts outside the image."""
+        if require_prompts and self.is_empty():
+            raise InputError("no prompts given: draw at least one box or point")
+        for number, box in enumerate(self.boxes, 1):
+            if any(lo > hi for lo, hi in zip(box.lo_ijk, box.hi_ijk)):
+                raise InputError(f"box {number} is inverted (min {box.lo_ijk} > max {box.hi_ijk})")
+            if not geometry.contains_ijk(np.array([box.lo_ijk, box.hi_ijk])).all():
+                raise InputError(f"box {number} lies (partly) outside the image of size {geometry.shape_ijk} (IJK)")
+        for number, point in enumerate(self.points, 1):
+            if not geometry.contains_ijk(point.ijk).all():
+                raise InputError(f"point {number} at IJK {tuple(round(c, 1) for c in point.ijk)} lies outside the image")
+        return self
+
+    def to_voxel_json(self) -> dict:
+        return {
+            "coordinate_system": "IJK",
+            "boxes": [{"min": list(b.lo_ijk), "max": list(b.hi_ijk)} for b in self.boxes],
+            "points": [{"ijk": list(p.ijk), "positive": p.positive} for p in self.points],
+        }
+
+
+def box_from_corners(corners_ijk: np.ndarray) -> Box:
+    corners = np.asarray(corners_ijk, dtype=float)
+    return Box(tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+
+
+def read_prompts(path: str | os.PathLike, geometry: Geometry) -> PromptSet:
+    """Read a `.mrk.json` (Slicer markups) or voxel JSON prompt file and validate it on `geometry`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path.name} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path.name}: expected a JSON object")
+    try:
+        if "markups" in document:
+            prompts = prompts_from_markups(document, geometry)
+        elif "boxes" in document or "points" in document:
+            prompts = prompts_from_voxel_json(document)
+        else:
+            raise InputError(f"{path.name}: neither Slicer markups nor voxel JSON (no 'markups', 'boxes' or 'points')")
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise InputError(f"{path.name}: malformed prompt entry ({type(error).__name__}: {error})") from None
+    return prompts.validate(geometry)
+
+
+def prompts_from_voxel_json(document: dict) -> PromptSet:
+    system = str(document.get("coordinate_system", "IJK")).upper()
+    if system != "IJK":
+        raise InputError(f"voxel JSON must use coordinate_system IJK, not {system}")
+    boxes = [Box(_vector(entry["min"]), _vector(entry["max"])) for entry in document.get("boxes", [])]
+    points = [Point(_vector(entry["ijk"]), bool(entry.get("positive", True))) for entry in document.get("points", [])]
+    return PromptSet(boxes, points)
+
+
+def prompts_from_markups(document: dict, geometry: Geometry) -> PromptSet:
+    """ROI markups become boxes (their 8 corners mapped to IJK), point lists become points."""
+    prompts = PromptSet()
+    for markup in document["markups"]:
+        to_ijk = _physical_to_ijk(markup.get("coordinateSystem", "LPS"), geometry)
+        kind = markup.get("type", "")
+        if kind == "ROI":
+            prompts.boxes.append(box_from_corners(to_ijk(_roi_corners(markup))))
+        elif kind in ("Fiducial", "Point", "PointList"):
+            list_negative = _says_negative(markup.get("name", ""))
+            for control_point in markup.get("controlPoints", []):
+                negative = list_negative or _says_negative(control_point.get("label", "")) or _says_negative(control_point.get("description", ""))
+                ijk = to_ijk(np.array([control_point["position"]], dtype=float))[0]
+                prompts.points.append(Point(tuple(ijk), positive=not negative))
+        else:
+            raise InputError(f"unsupported markup type {kind!r}: use ROI boxes or point lists")
+    return prompts
+
+
+def _vector(values) -> tuple[float, float, float]:
+    vector = tuple(float(v) for v in values)
+    if len(vector) != 3:
+        raise ValueError(f"expected 3 coordinates, got {len(vector)}")
+    return vector
+
+
+def _physical_to_ijk(system: str, geometry: Geometry):
+    system = system.upper()
+    if system == "LPS":
+        return geometry.lps_to_ijk
+    if system == "RAS":
+        return geometry.ras_to_ijk
+    raise InputError(f"unknown markups coordinateSystem {system!r} (expected LPS or RAS)")
+
+
+def _roi_corners(markup: dict) -> np.ndarray:
+    """The 8 corners of a markups ROI in the file's physical coordinates."""
+    if "center" in markup:
+        centre = np.array(markup["center"], dtype=float)
+    else:
+        centre = np.array(markup["controlPoints"][0]["position"], dtype=float)
+    size = np.array(markup["size"], dtype=float)
+    axes = np.array(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    return centre + (signs * size / 2.0) @ axes.T
+
+
+def _says_negative(text: str) -> bool:
+    text = str(text).strip().lower()
+    return text.startswith("-") or any(word in text for word in NEGATIVE_WORDS)
+
+
+def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = 4.0) -> np.ndarray:
+    """Prompt channels (see PROMPT_CHANNELS) as a float32 array (5, K, J, I)."""
+    channels = np.zeros((len(PROMPT_CHANNELS),) + geometry.shape_kji, dtype=np.float32)
+    for box in prompts.boxes:
+        channels[0][_box_slices(box, geometry.shape_kji, thicken=True)] = 1.0
+    channels[1] = box_hull(prompts.boxes, geometry.shape_kji)
+    for point in prompts.points:
+        _add_sphere(channels[2 if point.positive else 3], point.ijk, point_radius_mm, geometry.spacing)
+    return channels
+
+
+def mask_channels(mask: np.ndarray) -> np.ndarray:
+    """Prompt channels of a dense-mask context: only the mask channel is set."""
+    channels = np.zeros((len(PROMPT_CHANNELS),) + mask.shape, dtype=np.float32)
+    channels[MASK_CHANNEL] = np.asarray(mask, dtype=np.float32) > 0.5
+    return channels
+
+
+def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int]) -> np.ndarray:
+    """Boxes drawn on slices of one axis, linearly interpolated between consecutive annotated slices.
+
+    This is the "box interpolation" prior: what a user's slice boxes say about the slices in between.
+    3D boxes and lone slice boxes contribute themselves.
+    """
+    hull = np.zeros(shape_kji, dtype=np.float32)
+    by_axis: dict[int, list[Box]] = {}
+    for box in boxes:
+        thin = box.thin_axes()
+        if len(thin) == 1:
+            by_axis.setdefault(thin[0], []).append(box)
+        else:
+            hull[_box_slices(box, shape_kji, thicken=True)] = 1.0
+    for axis, slice_boxes in by_axis.items():
+        slice_boxes = sorted(slice_boxes, key=lambda b: (b.lo_ijk[axis] + b.hi_ijk[axis]) / 2)
+        for box in slice_boxes:
+            hull[_box_slices(box, shape_kji, thicken=False)] = 1.0
+        for first, second in zip(slice_boxes, slice_boxes[1:]):
+            _fill_between(hull, first, second, axis)
+    return hull
+
+
+def _fill_between(hull: np.ndarray, first: Box, second: Box, axis: int) -> None:
+    start = (first.lo_ijk[axis] + first.hi_ijk[axis]) / 2
+    stop = (second.lo_ijk[axis] + second.hi_ijk[axis]) / 2
+    for position in range(int(round(start)), int(round(stop)) + 1):
+        weight = 0.0 if stop == start else (position - start) / (stop - start)
+        weight = min(max(weight, 0.0), 1.0)
+        lo = list((1 - weight) * np.array(first.lo_ijk) + weight * np.array(second.lo_ijk))
+        hi = list((1 - weight) * np.array(first.hi_ijk) + weight * np.array(second.hi_ijk))
+        lo[axis] = hi[axis] = position
+        hull[_box_slices(Box(tuple(lo), tuple(hi)), hull.shape, thicken=False)] = 1.0
+
+
+def _box_slices(box: Box, shape_kji: tuple[int, int, int], thicken: bool) -> tuple[slice, slice, slice]:
+    """Array slices [k, j, i] of the voxels inside a box, at least 3 voxels thick when `thicken`."""
+    bounds = []
+    for axis in range(3):
+        lo, hi = int(round(box.lo_ijk[axis])), int(round(box.hi_ijk[axis]))
+        if thicken and hi - lo < 2:
+            centre = (lo + hi) // 2
+            lo, hi = centre - 1, centre + 1
+        size = shape_kji[2 - axis]
+        bounds.append(slice(max(lo, 0), min(hi + 1, size)))
+    return tuple(bounds[::-1])
+
+
+def _add_sphere(channel: np.ndarray, centre_ijk, radius_mm: float, spacing) -> None:
+    """Soft sphere: 1 at the centre falling linearly to 0 at `radius_mm`, merged by maximum."""
+    centre_kji = np.asarray(centre_ijk, dtype=float)[::-1]
+    spacing_kji = np.asarray(spacing, dtype=float)[::-1]
+    reach = np.ceil(radius_mm / spacing_kji).astype(int)
+    lo = np.maximum(np.floor(centre_kji).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(centre_kji).astype(int) + reach + 1, channel.shape)
+    if np.any(hi <= lo):
+        return
+    grids = np.meshgrid(*[(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, centre_kji, spacing_kji)], indexing="ij")
+    distance = np.sqrt(sum(g**2 for g in grids))
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    channel[region] = np.maximum(channel[region], np.clip(1.0 - distance / radius_mm, 0.0, 1.0))

@@ -1,0 +1,238 @@
+"""Inference session in the spirit of segment-anything's predictor: encode the context once, segment
+many targets, refine with prompts.
+
+    segmenter = Segmenter()                                   # shipped weights, GPU when there is one
+    task = segmenter.encode_context([(reference, prompts)])   # weak prompts or a dense mask; cached
+    prediction = segmenter.segment(target, task)              # any other volume of the study
+    prediction = segmenter.segment(target, task, target_prompts=clicks, previous=prediction.masks[0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .preprocess import WorkingGrid, normalize_intensity, pad_to_multiple, roi_around
+from .prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, rasterize
+from .volume import Geometry, Volume
+
+ProgressCallback = Callable[[float, str], None]
+ContextItem = tuple[Volume, "PromptSet | np.ndarray"]
+ROI_MARGIN_FRACTION = 0.5
+ROI_MARGIN_VOXELS = 12
+WINDOW_OVERLAP = 0.25
+PREPARED_CACHE_SIZE = 4
+
+
+@dataclass
+class TaskEmbedding:
+    """Task tokens [N classes, T, E] (on the CPU) and the class names; independent of any target."""
+
+    tokens: "torch.Tensor"  # noqa: F821
+    names: list[str]
+
+    @classmethod
+    def stack(cls, tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
+        """One multi-class task: a single forward pass segments every class."""
+        import torch
+
+        if not tasks:
+            raise InputError("no tasks to stack")
+        return cls(torch.cat([t.tokens for t in tasks]), [name for t in tasks for name in t.names])
+
+
+@dataclass
+class Prediction:
+    probabilities: np.ndarray  # [N, K, J, I] float32 on the target's grid
+    names: list[str]
+    changed_kji: tuple[slice, slice, slice]  # region recomputed; outside it `previous` (or 0) stands
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.probabilities >= 0.5
+
+    def label_map(self) -> np.ndarray:
+        """[K, J, I] uint8: class n as n+1 where its probability is highest and at least 0.5."""
+        best = np.argmax(self.probabilities, axis=0)
+        return np.where(self.masks.any(axis=0), best + 1, 0).astype(np.uint8)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but PyTorch sees no CUDA GPU (use auto or cpu)")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
+    """Prompts in original IJK -> working-grid IJK."""
+    boxes = [Box(tuple(grid.ijk_to_working(b.lo_ijk)), tuple(grid.ijk_to_working(b.hi_ijk))) for b in prompts.boxes]
+    points = [Point(tuple(grid.ijk_to_working(p.ijk)), p.positive) for p in prompts.points]
+    return PromptSet(boxes, points)
+
+
+class Segmenter:
+    """Holds the network on a device and caches prepared images and encoded contexts."""
+
+    def __init__(self, weights=None, device: str = "auto", model=None, progress: ProgressCallback | None = None) -> None:
+        import torch
+
+        from .weights import load_weights
+
+        self.device = resolve_device(device)
+        if model is None:
+            model, self.card = load_weights(weights, self.device)
+        else:
+            model, self.card = model.to(self.device).eval(), {}
+        self.model = model
+        self.config = model.config
+        self.progress = progress or (lambda fraction, message: None)
+        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "CPU"
+        self._prepared: OrderedDict = OrderedDict()
+        self._tasks: dict[str, TaskEmbedding] = {}
+
+    # -- preparation -------------------------------------------------------------------------------
+    def _prepare(self, volume: Volume) -> tuple[WorkingGrid, np.ndarray, Geometry]:
+        """Normalised image on the working grid (cached: the same volume is prepared once)."""
+        key = (id(volume.array), volume.array.shape, volume.geometry.spacing)
+        if key not in self._prepared:
+            grid = WorkingGrid.for_volume(volume, self.config.working_spacing_mm)
+            image = grid.to_working(normalize_intensity(volume.array, volume.modality))
+            working = Geometry(grid.working_spacing_ijk, volume.geometry.origin, volume.geometry.direction, grid.working_shape_kji)
+            self._prepared[key] = (grid, image, working)
+            while len(self._prepared) > PREPARED_CACHE_SIZE:
+                self._prepared.popitem(last=False)
+        return self._prepared[key]
+
+    def _channels(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
+        """Prompt channels on the working grid from prompts and/or a dense mask on the volume's grid."""
+        grid, image, working = self._prepare(volume)
+        channels = np.zeros((len(PROMPT_CHANNELS),) + image.shape, dtype=np.float32)
+        if prompts is not None:
+            prompts.validate(volume.geometry, require_prompts=False)
+            channels = rasterize(scale_prompts(prompts, grid), working)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != volume.geometry.shape_kji:
+                raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
+            channels[MASK_CHANNEL] = grid.to_working((mask > 0.5).astype(np.float32)) > 0.5
+        return channels
+
+    # -- context -----------------------------------------------------------------------------------
+    def encode_context(self, items: Sequence[ContextItem], name: str = "segment") -> TaskEmbedding:
+        """Encode references (image + weak prompts or dense mask) into one task embedding, cached."""
+        import torch
+
+        if not items:
+            raise InputError("empty context: give at least one reference image with prompts or a mask")
+        key = self._context_key(items, name)
+        if key in self._tasks:
+            return self._tasks[key]
+        tokens = []
+        for number, (volume, annotation) in enumerate(items, 1):
+            self.progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
+            if isinstance(annotation, PromptSet):
+                annotation.validate(volume.geometry)
+                channels = self._channels(volume, annotation, None)
+            else:
+                if not np.any(np.asarray(annotation) > 0.5):
+                    raise InputError(f"context {number}: the mask is empty")
+                channels = self._channels(volume, None, annotation)
+            image = self._prepare(volume)[1]
+            roi = roi_around(channels[[0, 1, 2, MASK_CHANNEL]].max(axis=0) > 0, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
+            image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
+            channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
+            with torch.inference_mode():
+                features = self.model.encode_image(self._tensor(image_crop[None, None]))
+                tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
+        self.progress(1.0, "context encoded")
+        task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name])
+        self._tasks[key] = task
+        return task
+
+    @staticmethod
+    def _context_key(items: Sequence[ContextItem], name: str) -> str:
+        digest = hashlib.sha1(name.encode())
+        for volume, annotation in items:
+            digest.update(str((id(volume.array), volume.array.shape)).encode())
+            if isinstance(annotation, PromptSet):
+                digest.update(repr(annotation.to_voxel_json()).encode())
+            else:
+                digest.update(np.packbits(np.asarray(annotation) > 0.5).tobytes())
+        return digest.hexdigest()
+
+    # -- targets -----------------------------------------------------------------------------------
+    def segment(self, target: Volume, task: TaskEmbedding, target_prompts: PromptSet | None = None, previous: np.ndarray | None = None) -> Prediction:
+        """Segment every class of `task` in `target`.
+
+        With target prompts or a previous mask, only a region around them is recomputed (propagation
+        and correction); without, the whole volume is covered by overlapping windows.
+        """
+        guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
+        if guided and len(task.names) > 1:
+            raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
+        grid, image, _ = self._prepare(target)
+        channels = self._channels(target, target_prompts, previous)
+        if guided:
+            roi = roi_around(channels[[0, 1, 2, MASK_CHANNEL]].max(axis=0) > 0, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
+        else:
+            roi = None
+        roi = roi or tuple(slice(0, n) for n in image.shape)
+        probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
+        if previous is not None:
+            probabilities[0] = channels[MASK_CHANNEL]
+        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task)
+        original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
+        changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n)) for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
+        if previous is not None:
+            outside = np.ones(target.geometry.shape_kji, dtype=bool)
+            outside[changed] = False
+            original[0][outside] = np.asarray(previous, dtype=np.float32)[outside]
+        return Prediction(original.astype(np.float32), list(task.names), changed)
+
+    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding) -> np.ndarray:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        patch = self.config.patch_size
+        padded_image, recover = pad_to_multiple(image, self.config.downsampling, patch)
+        padded_channels, _ = pad_to_multiple(channels, self.config.downsampling, patch, mode="constant")
+        inputs = self._tensor(np.concatenate([padded_image[None], padded_channels])[None])
+        tokens = task.tokens.to(self.device)
+        windows = math.prod(_window_count(n, p) for n, p in zip(padded_image.shape, patch))
+        done = [0]
+
+        def predict(window: torch.Tensor) -> torch.Tensor:
+            features = self.model.encode_image(window[:, :1])
+            logits = self.model.decode(features, tokens, window[:, 1:].expand(len(task.names), -1, -1, -1, -1))
+            done[0] += 1
+            self.progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
+            return logits.transpose(0, 1)
+
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
+            logits = sliding_window_inference(inputs, patch, 1, predict, overlap=WINDOW_OVERLAP, mode="gaussian")
+        probabilities = torch.sigmoid(logits.float())[0].cpu().numpy()
+        return probabilities[(slice(None),) + recover]
+
+    def _tensor(self, array: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+
+def _window_count(size: int, window: int) -> int:
+    if size <= window:
+        return 1
+    step = max(int(window * (1 - WINDOW_OVERLAP)), 1)
+    return math.ceil((size - window) / step) + 1

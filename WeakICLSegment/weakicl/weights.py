@@ -1,0 +1,99 @@
+"""Model weights as safetensors plus a JSON model card; never unpickles anything.
+
+The card sits beside the weights (`name.safetensors` -> `name.json`) and holds the architecture
+(NetConfig), training facts, measured quality and the sha256 of the weights file, checked at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import WeightsError
+
+WEIGHTS_ENV = "WEAKICL_WEIGHTS"
+SHIPPED_NAME = "weakicl-0.1.safetensors"
+
+
+def card_path(weights_path: str | os.PathLike) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_weights_path() -> Path:
+    """$WEAKICL_WEIGHTS, else the repository's (or Slicer module's) model_weights folder."""
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV])
+    package = Path(__file__).resolve().parent
+    for folder in (package.parent.parent / "model_weights", package.parent / "model_weights", package / "model_weights"):
+        if (folder / SHIPPED_NAME).is_file():
+            return folder / SHIPPED_NAME
+    return package.parent.parent / "model_weights" / SHIPPED_NAME
+
+
+def save_weights(model, path: str | os.PathLike, card: dict) -> Path:
+    """Write weights and card atomically; the card gains the architecture, parameter count and sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    handle, temporary = tempfile.mkstemp(prefix=".weakicl-", suffix=".safetensors", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    card = dict(card)
+    card["architecture"] = model.config.to_dict()
+    card["parameters"] = int(sum(t.numel() for t in model.parameters()))
+    card["sha256"] = sha256_of(path)
+    card_path(path).write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    card_file = card_path(path)
+    if not card_file.is_file():
+        raise WeightsError(f"model card missing: {card_file} (it must sit beside the weights)")
+    try:
+        return json.loads(card_file.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"model card {card_file.name} is not valid JSON: {error}") from None
+
+
+def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
+    """(model, card) from safetensors weights whose sha256 matches the card."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .network import NetConfig, WeakICLNet
+
+    path = Path(path) if path is not None else default_weights_path()
+    if not path.is_file():
+        raise WeightsError(f"weights not found: {path} (set --weights or ${WEIGHTS_ENV})")
+    card = read_card(path)
+    if card.get("sha256") and card["sha256"] != sha256_of(path):
+        raise WeightsError(f"{path.name} is corrupt or was replaced: its sha256 does not match the model card")
+    try:
+        config = NetConfig(**card["architecture"])
+        model = WeakICLNet(config)
+        state = load_file(str(path), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"model card of {path.name} does not describe a WeakICL network: {error}") from None
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise WeightsError(f"cannot load {path.name}: {str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), card
