@@ -150,7 +150,7 @@ class Segmenter:
                     raise InputError(f"context {number}: the mask is empty")
                 channels = self._channels(volume, None, annotation)
             image = self._prepare(volume)[1]
-            roi = roi_around(channels[[0, 1, 2, MASK_CHANNEL]].max(axis=0) > 0, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
+            roi = self._roi(channels.max(axis=0) > 0)
             image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
             channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
             with torch.inference_mode():
@@ -184,10 +184,11 @@ class Segmenter:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
         grid, image, _ = self._prepare(target)
         channels = self._channels(target, target_prompts, previous)
+        roi = None
         if guided:
-            roi = roi_around(channels[[0, 1, 2, MASK_CHANNEL]].max(axis=0) > 0, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
-        else:
-            roi = None
+            # around the prompts when there are any (a correction touches only their neighbourhood), else the previous mask
+            drawn = channels[:MASK_CHANNEL].max(axis=0) > 0
+            roi = self._roi(drawn if drawn.any() else channels[MASK_CHANNEL] > 0)
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         if previous is not None:
@@ -200,6 +201,9 @@ class Segmenter:
             outside[changed] = False
             original[0][outside] = np.asarray(previous, dtype=np.float32)[outside]
         return Prediction(original.astype(np.float32), list(task.names), changed)
+
+    def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
+        return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
 
     def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding) -> np.ndarray:
         import torch

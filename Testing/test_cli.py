@@ -1,0 +1,160 @@
+"""Every exit code of `weakicl`, bad inputs with one-line messages, and nothing written on failure."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ellipsoid, require_shared_data
+from weakicl.cli import main
+from weakicl.simulation import slice_boxes
+from weakicl.volume import Geometry, Volume, read_label_map, read_volume, write_volume
+
+
+@pytest.fixture()
+def case(tmp_path):
+    """An image with a structure on disk, its box prompts as voxel JSON, and a label image."""
+    geometry = Geometry((1.0, 1.2, 2.0), (1.0, 2.0, 3.0), np.eye(3), (12, 24, 20))
+    truth = ellipsoid(geometry.shape_kji, (6, 12, 10), (4, 6, 5))
+    image = write_volume(tmp_path / "image.nii.gz", Volume((100.0 * truth).astype(np.float32), geometry))
+    label = write_volume(tmp_path / "label.nrrd", Volume(truth.astype(np.uint8) * 3, geometry))
+    prompts = tmp_path / "boxes.json"
+    prompts.write_text(json.dumps(slice_boxes(truth).to_voxel_json()))
+    return {"image": str(image), "label": str(label), "prompts": str(prompts), "dir": tmp_path, "geometry": geometry}
+
+
+def run(case, *arguments):
+    return main(["segment", case["image"], "--device", "cpu", "--weights", case["weights"], *arguments])
+
+
+@pytest.fixture(autouse=True)
+def weights(case, tiny_weights):
+    case["weights"] = str(tiny_weights)
+
+
+def test_propagation_writes_a_named_segmentation_on_the_input_grid(case, capsys):
+    output = case["dir"] / "out.seg.nrrd"
+    assert run(case, "--prompts", case["prompts"], "--label", "tumour", "--output", str(output)) == 0
+    assert read_volume(output).geometry.same_grid(case["geometry"])
+    assert "tumour" in capsys.readouterr().out
+
+
+def test_cross_subject_context_with_prompts_and_with_a_label_image(case):
+    for annotation, name in ((case["prompts"], "weak.nii.gz"), (case["label"], "dense.nrrd")):
+        output = case["dir"] / name
+        assert run(case, "--context", case["image"], annotation, "--output", str(output)) == 0
+        assert read_label_map(output, case["geometry"]).max() <= 1
+
+
+def test_multi_label_context_segments_every_label_in_one_pass(case):
+    two_labels = read_label_map(case["label"])
+    two_labels[two_labels > 0] = np.where(np.arange(two_labels.shape[0]) < 6, 1, 2)[:, None, None].repeat(two_labels.shape[1], 1).repeat(two_labels.shape[2], 2)[two_labels > 0]
+    path = write_volume(case["dir"] / "two.nrrd", Volume(two_labels.astype(np.uint8), case["geometry"]))
+    output = case["dir"] / "multi.seg.nrrd"
+    assert run(case, "--context", case["image"], str(path), "--output", str(output)) == 0
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(output))
+    assert image.GetMetaData("Segment1_Name") == "segment_2"
+
+
+BAD_INPUTS = [
+    (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "o.png")], "must end with"),
+    (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "missing" / "o.nii.gz")], "folder does not exist"),
+    (lambda c: ["--output", str(c["dir"] / "o.nii.gz")], "give --context"),
+    (lambda c: ["--prompts", str(c["dir"] / "nope.json"), "--output", str(c["dir"] / "o.nii.gz")], "not found"),
+    (lambda c: ["--context", str(c["dir"] / "nope.nii.gz"), c["prompts"], "--output", str(c["dir"] / "o.nii.gz")], "image not found"),
+    (lambda c: ["--prompts", c["bad"]["outside"], "--output", str(c["dir"] / "o.nii.gz")], "outside the image"),
+    (lambda c: ["--prompts", c["bad"]["inverted"], "--output", str(c["dir"] / "o.nii.gz")], "inverted"),
+    (lambda c: ["--prompts", c["bad"]["empty"], "--output", str(c["dir"] / "o.nii.gz")], "no prompts"),
+    (lambda c: ["--prompts", c["bad"]["garbage"], "--output", str(c["dir"] / "o.nii.gz")], "not valid JSON"),
+    (lambda c: ["--context", c["image"], c["bad"]["empty_label"], "--output", str(c["dir"] / "o.nii.gz")], "empty"),
+    (lambda c: ["--context", c["image"], c["bad"]["other_grid"], "--output", str(c["dir"] / "o.nii.gz")], "grid"),
+    (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "o.nii.gz"), "--weights", str(c["dir"] / "no.safetensors")], "weights not found"),
+    (lambda c: ["--prompts", c["prompts"], "--output", c["bad"]["existing"]], "exists"),
+]
+
+
+@pytest.fixture()
+def bad_files(case):
+    folder = case["dir"]
+    documents = {
+        "outside": {"points": [{"ijk": [500, 1, 1]}]},
+        "inverted": {"boxes": [{"min": [9, 9, 9], "max": [1, 9, 9]}]},
+        "empty": {"boxes": [], "points": []},
+    }
+    bad = {}
+    for name, document in documents.items():
+        (folder / f"{name}.json").write_text(json.dumps(document))
+        bad[name] = str(folder / f"{name}.json")
+    (folder / "garbage.json").write_text("{{{")
+    bad["garbage"] = str(folder / "garbage.json")
+    geometry = case["geometry"]
+    bad["empty_label"] = str(write_volume(folder / "empty_label.nrrd", Volume(np.zeros(geometry.shape_kji, np.uint8), geometry)))
+    shifted = Geometry(geometry.spacing, (50.0, 0.0, 0.0), geometry.direction, geometry.shape_kji)
+    bad["other_grid"] = str(write_volume(folder / "other_grid.nrrd", Volume(np.ones(geometry.shape_kji, np.uint8), shifted)))
+    (folder / "existing.nii.gz").write_bytes(b"keep me")
+    bad["existing"] = str(folder / "existing.nii.gz")
+    case["bad"] = bad
+    return bad
+
+
+@pytest.mark.parametrize("arguments, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, bad_files, capsys, arguments, message):
+    before = sorted(p.name for p in case["dir"].iterdir())
+    assert run(case, *arguments(case)) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0] and error[0].startswith("weakicl: error:")
+    assert sorted(p.name for p in case["dir"].iterdir()) == before
+    assert (case["dir"] / "existing.nii.gz").read_bytes() == b"keep me"
+
+
+def test_internal_error_exits_1(case, monkeypatch, capsys):
+    import weakicl.session
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(weakicl.session.Segmenter, "segment", broken)
+    assert run(case, "--prompts", case["prompts"], "--output", str(case["dir"] / "o.nii.gz")) == 1
+    assert "internal error" in capsys.readouterr().err
+    assert not (case["dir"] / "o.nii.gz").exists()
+
+
+def test_unknown_option_exits_2():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--no-such-option"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("command", [[], ["segment"], ["demo"], ["evaluate"], ["train"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "weakicl.cli", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: weakicl" in result.stdout
+
+
+def test_demo_writes_segmentation_and_overlay(tmp_path, tiny_weights, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu", "--weights", str(tiny_weights)]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"phantom_image.nii.gz", "phantom_segmentation.seg.nrrd", "phantom_overlay.png"} <= names
+    assert "Dice" in capsys.readouterr().out
+
+
+def test_segment_a_shared_case_from_a_markups_box(tmp_path, tiny_weights):
+    data = require_shared_data()
+    manifest = json.loads((data / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"] if c["id"] == manifest["splits"]["validation"][0])
+    image = read_volume(data / case["image"])
+    truth = read_label_map(data / case["label"], image.geometry) == 1
+    box = slice_boxes(truth, (0.5,)).boxes[0]
+    corners = image.geometry.ijk_to_ras(np.array([box.lo_ijk, box.hi_ijk]))
+    roi = {"markups": [{"type": "ROI", "coordinateSystem": "RAS", "center": list(corners.mean(axis=0)),
+                        "size": list(np.abs(corners[1] - corners[0])), "orientation": list(np.eye(3).ravel())}]}
+    (tmp_path / "box.mrk.json").write_text(json.dumps(roi))
+    output = tmp_path / "out.nii.gz"
+    assert main(["segment", str(data / case["image"]), "--prompts", str(tmp_path / "box.mrk.json"), "--output", str(output),
+                 "--device", "cpu", "--weights", str(tiny_weights)]) == 0
+    written = read_volume(output)
+    assert written.geometry.same_grid(image.geometry, tolerance=1e-6)

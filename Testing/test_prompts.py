@@ -1,0 +1,123 @@
+"""Prompt files in every format and coordinate system, rasterisation, and prompt validation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import oblique_geometry
+from weakicl.errors import InputError
+from weakicl.prompts import Box, Point, PromptSet, box_hull, rasterize, read_prompts
+from weakicl.simulation import corrective_click, slice_boxes
+from weakicl.volume import Geometry
+
+
+def write_json(path, document):
+    path.write_text(json.dumps(document))
+    return path
+
+
+def markups(kind, system, **fields):
+    return {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+            "markups": [dict(type=kind, coordinateSystem=system, **fields)]}
+
+
+@pytest.mark.parametrize("system", ["RAS", "LPS"])
+def test_markups_point_lands_on_the_known_voxel(tmp_path, system):
+    geometry = oblique_geometry()
+    voxel = np.array([7.0, 11.0, 4.0])
+    position = geometry.ijk_to_ras(voxel)[0] if system == "RAS" else geometry.ijk_to_lps(voxel)[0]
+    path = write_json(tmp_path / "p.mrk.json", markups("Fiducial", system, controlPoints=[{"label": "F-1", "position": list(position)}]))
+    prompts = read_prompts(path, geometry)
+    np.testing.assert_allclose(prompts.points[0].ijk, voxel, atol=1e-6)
+    assert prompts.points[0].positive
+
+
+def test_negative_point_list_by_name(tmp_path):
+    geometry = Geometry.identity((10, 10, 10))
+    path = write_json(tmp_path / "n.mrk.json", markups("Fiducial", "LPS", name="negative", controlPoints=[{"position": [2, 3, 4]}]))
+    assert read_prompts(path, geometry).points == [Point((2, 3, 4), positive=False)]
+
+
+def test_markups_roi_becomes_the_box_of_its_corners(tmp_path):
+    geometry = Geometry.identity((20, 20, 20), spacing=(1.0, 1.0, 2.0))
+    # RAS centre (-5, -6, 8) is LPS (5, 6, 8) -> IJK (5, 6, 4); size 4 x 2 x 0 mm: a box drawn on one slice
+    path = write_json(tmp_path / "b.mrk.json", markups("ROI", "RAS", center=[-5, -6, 8], size=[4, 2, 0], orientation=list(np.eye(3).ravel())))
+    box = read_prompts(path, geometry).boxes[0]
+    np.testing.assert_allclose(box.lo_ijk, (3, 5, 4))
+    np.testing.assert_allclose(box.hi_ijk, (7, 7, 4))
+    assert box.thin_axes() == [2]
+
+
+def test_voxel_json(tmp_path):
+    geometry = Geometry.identity((10, 12, 14))
+    path = write_json(tmp_path / "v.json", {"coordinate_system": "IJK", "boxes": [{"min": [1, 2, 3], "max": [5, 6, 3]}],
+                                             "points": [{"ijk": [4, 4, 4], "positive": False}]})
+    prompts = read_prompts(path, geometry)
+    assert prompts.boxes == [Box((1, 2, 3), (5, 6, 3))] and prompts.points == [Point((4, 4, 4), False)]
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"boxes": [{"min": [0, 0, 0], "max": [40, 2, 2]}]}, "outside the image"),
+    ({"boxes": [{"min": [5, 5, 5], "max": [2, 6, 6]}]}, "inverted"),
+    ({"points": [{"ijk": [-3, 0, 0]}]}, "outside the image"),
+    ({"boxes": [], "points": []}, "no prompts"),
+    ({"coordinate_system": "RAS", "points": [{"ijk": [1, 1, 1]}]}, "IJK"),
+    ({"points": [{"ijk": [1, 1]}]}, "malformed"),
+    ({"markups": [{"type": "Curve", "controlPoints": []}]}, "unsupported markup"),
+    ({"markups": [{"type": "Fiducial", "coordinateSystem": "XYZ", "controlPoints": []}]}, "coordinateSystem"),
+    ({"something": 1}, "neither"),
+])
+def test_bad_prompt_files(tmp_path, document, message):
+    with pytest.raises(InputError, match=message):
+        read_prompts(write_json(tmp_path / "bad.json", document), Geometry.identity((10, 10, 10)))
+
+
+def test_prompt_file_that_is_not_json(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_prompts(tmp_path / "bad.json", Geometry.identity((10, 10, 10)))
+
+
+def test_slice_box_is_thickened_to_three_slices():
+    geometry = Geometry.identity((20, 20, 20))
+    channels = rasterize(PromptSet([Box((2, 3, 10), (6, 8, 10))]), geometry)
+    assert np.flatnonzero(channels[0].any(axis=(1, 2))).tolist() == [9, 10, 11]
+    assert channels[0][10].sum() == 5 * 6
+
+
+def test_box_hull_interpolates_between_annotated_slices():
+    small, large = Box((10, 10, 0), (12, 12, 0)), Box((6, 6, 10), (16, 16, 10))
+    hull = box_hull([small, large], (20, 30, 30))
+    areas = hull.sum(axis=(1, 2))
+    assert areas[0] == 9 and areas[10] == 121 and areas[11] == 0
+    assert 9 < areas[5] < 121 and np.all(np.diff(areas[:11]) >= 0)
+
+
+def test_point_sphere_is_one_at_the_centre_and_zero_beyond_its_radius():
+    geometry = Geometry.identity((20, 20, 20), spacing=(2.0, 2.0, 2.0))
+    channel = rasterize(PromptSet(points=[Point((10, 10, 10))]), geometry, point_radius_mm=6.0)[2]
+    assert channel[10, 10, 10] == 1.0
+    assert channel[10, 10, 13] == 0.0 and 0 < channel[10, 10, 12] < 1
+    assert rasterize(PromptSet(points=[Point((10, 10, 10), False)]), geometry)[3].max() == 1.0
+
+
+def test_slice_boxes_are_tight_on_the_chosen_slices():
+    mask = np.zeros((21, 30, 30), bool)
+    mask[0:21, 5:15, 8:20] = True
+    mask[10, 3:16, 8:22] = True
+    boxes = slice_boxes(mask).boxes
+    assert [b.lo_ijk[2] for b in boxes] == [5, 10, 15]
+    assert boxes[1] == Box((8, 3, 10), (21, 15, 10))
+    assert boxes[0] == Box((8, 5, 5), (19, 14, 5))
+
+
+def test_corrective_click_targets_the_largest_error():
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:15, 5:15, 5:15] = True
+    prediction = truth.copy()
+    prediction[5:15, 5:15, 10:15] = False  # a large miss
+    prediction[0:2, 0:2, 0:2] = True  # a small overshoot
+    click = corrective_click(prediction, truth)
+    assert click.positive and truth[tuple(int(c) for c in click.ijk[::-1])]
+    assert corrective_click(truth, truth) is None

@@ -1,0 +1,102 @@
+"""The session: encode once and reuse, multi-class stacking, correction regions, geometry of outputs."""
+
+import numpy as np
+import pytest
+
+from conftest import ellipsoid, oblique_geometry
+from weakicl.errors import InputError
+from weakicl.prompts import Point, PromptSet
+from weakicl.session import Segmenter, TaskEmbedding
+from weakicl.simulation import slice_boxes
+from weakicl.volume import Geometry, Volume
+
+
+@pytest.fixture()
+def segmenter(tiny_model):
+    return Segmenter(model=tiny_model, device="cpu")
+
+
+def test_output_lies_on_the_target_grid_for_oblique_anisotropic_resampled_images(segmenter):
+    geometry = Geometry((0.5, 0.6, 2.5), (3.0, 4.0, 5.0), oblique_geometry().direction, (10, 30, 26))
+    truth = ellipsoid(geometry.shape_kji, (5, 15, 13), (3, 8, 7))
+    volume = Volume((50 * truth).astype(np.float32), geometry, "MR")
+    prompts = slice_boxes(truth)
+    prediction = segmenter.segment(volume, segmenter.encode_context([(volume, prompts)]), target_prompts=prompts)
+    assert prediction.probabilities.shape == (1,) + geometry.shape_kji
+    assert prediction.probabilities.dtype == np.float32
+    assert 0.0 <= prediction.probabilities.min() and prediction.probabilities.max() <= 1.0
+
+
+def test_encoding_once_equals_encoding_twice(tiny_model, phantom):
+    volume, truth = phantom
+    other = Volume(np.flip(volume.array, axis=2).copy(), volume.geometry, "MR")
+    prompts = slice_boxes(truth)
+    shared = Segmenter(model=tiny_model, device="cpu")
+    task = shared.encode_context([(volume, prompts)])
+    assert shared.encode_context([(volume, prompts)]) is task  # cached
+    reused = [shared.segment(target, task).probabilities for target in (volume, other)]
+    fresh = []
+    for target in (volume, other):
+        separate = Segmenter(model=tiny_model, device="cpu")
+        fresh.append(separate.segment(target, separate.encode_context([(volume, prompts)])).probabilities)
+    for a, b in zip(reused, fresh):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_several_references_average_into_one_embedding(segmenter, phantom):
+    volume, truth = phantom
+    first = segmenter.encode_context([(volume, truth)])
+    second = segmenter.encode_context([(volume, slice_boxes(truth))])
+    both = segmenter.encode_context([(volume, truth), (volume, slice_boxes(truth))])
+    np.testing.assert_allclose(both.tokens, (first.tokens + second.tokens) / 2, atol=1e-5)
+
+
+def test_stacked_classes_match_single_class_passes(segmenter, phantom):
+    volume, truth = phantom
+    upper = truth.copy()
+    upper[:6] = False
+    tasks = [segmenter.encode_context([(volume, truth)], "whole"), segmenter.encode_context([(volume, upper)], "upper")]
+    stacked = segmenter.segment(volume, TaskEmbedding.stack(tasks))
+    assert stacked.names == ["whole", "upper"] and stacked.probabilities.shape[0] == 2
+    for index, task in enumerate(tasks):
+        np.testing.assert_allclose(stacked.probabilities[index], segmenter.segment(volume, task).probabilities[0], atol=1e-5)
+    assert stacked.label_map().max() <= 2
+
+
+def test_correction_recomputes_only_a_region_and_keeps_the_rest(segmenter):
+    geometry = Geometry.identity((40, 40, 40))
+    truth = ellipsoid(geometry.shape_kji, (8, 8, 8), (4, 4, 4))
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)])
+    previous = np.zeros(geometry.shape_kji, dtype=np.float32)
+    previous[30:34, 30:34, 30:34] = 1.0  # an accepted region far from the click
+    prediction = segmenter.segment(volume, task, target_prompts=PromptSet(points=[Point((8, 8, 8))]), previous=previous)
+    changed = prediction.changed_kji
+    assert all(s.stop - s.start < 40 for s in changed)
+    outside = np.ones(geometry.shape_kji, bool)
+    outside[changed] = False
+    np.testing.assert_array_equal(prediction.probabilities[0][outside], previous[outside])
+
+
+def test_bad_session_inputs(segmenter, phantom):
+    volume, truth = phantom
+    with pytest.raises(InputError, match="empty context"):
+        segmenter.encode_context([])
+    with pytest.raises(InputError, match="mask is empty"):
+        segmenter.encode_context([(volume, np.zeros_like(truth))])
+    with pytest.raises(InputError, match="does not match"):
+        segmenter.encode_context([(volume, truth[:-1])])
+    with pytest.raises(InputError, match="no prompts"):
+        segmenter.encode_context([(volume, PromptSet())])
+    task = TaskEmbedding.stack([segmenter.encode_context([(volume, truth)], n) for n in "ab"])
+    with pytest.raises(InputError, match="one class"):
+        segmenter.segment(volume, task, target_prompts=slice_boxes(truth))
+
+
+def test_device_choice(tiny_model):
+    import torch
+
+    assert Segmenter(model=tiny_model, device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            Segmenter(model=tiny_model, device="cuda")

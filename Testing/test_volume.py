@@ -1,0 +1,69 @@
+"""Geometry conventions and I/O: output grids must equal input grids, oblique and anisotropic included."""
+
+import numpy as np
+import pytest
+
+from conftest import oblique_geometry
+from weakicl.errors import InputError
+from weakicl.volume import Geometry, Volume, read_label_map, read_volume, write_mask, write_volume
+
+
+def test_ras_and_lps_conversions_agree_with_the_matrix():
+    geometry = oblique_geometry()
+    ijk = np.array([[3.0, 4.0, 5.0], [0.0, 0.0, 0.0]])
+    homogeneous = np.c_[ijk, np.ones(2)]
+    np.testing.assert_allclose(geometry.ijk_to_ras(ijk), (homogeneous @ geometry.ijk_to_ras_matrix().T)[:, :3])
+    np.testing.assert_allclose(geometry.ras_to_ijk(geometry.ijk_to_ras(ijk)), ijk, atol=1e-9)
+    ras = geometry.ijk_to_ras(ijk)
+    np.testing.assert_allclose(ras[:, :2], -geometry.ijk_to_lps(ijk)[:, :2])
+
+
+def test_geometry_from_slicer_matrix_round_trips():
+    geometry = oblique_geometry()
+    rebuilt = Geometry.from_ijk_to_ras(geometry.ijk_to_ras_matrix(), geometry.shape_kji)
+    assert rebuilt.same_grid(geometry)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".seg.nrrd"])
+def test_written_masks_keep_the_input_grid(tmp_path, suffix):
+    geometry = oblique_geometry()
+    masks = np.zeros((2,) + geometry.shape_kji, dtype=bool)
+    masks[0, 2:5, 3:9, 4:8] = True
+    masks[1, 7:10, 3:9, 4:8] = True
+    path = write_mask(tmp_path / f"out{suffix}", masks, geometry, ["liver", "spleen"])
+    back = read_volume(path)
+    assert back.geometry.same_grid(geometry)
+    labels = read_label_map(path, geometry)
+    assert np.array_equal(labels == 1, masks[0]) and np.array_equal(labels == 2, masks[1])
+    assert [p.name for p in tmp_path.iterdir()] == [f"out{suffix}"]
+
+
+def test_seg_nrrd_carries_segment_names(tmp_path):
+    import SimpleITK as sitk
+
+    geometry = oblique_geometry()
+    path = write_mask(tmp_path / "out.seg.nrrd", np.ones(geometry.shape_kji, bool), geometry, ["left kidney"])
+    image = sitk.ReadImage(str(path))
+    assert image.GetMetaData("Segment0_Name") == "left kidney"
+    assert image.GetMetaData("Segment0_LabelValue") == "1"
+
+
+def test_image_round_trip(tmp_path):
+    geometry = oblique_geometry()
+    volume = Volume(np.arange(np.prod(geometry.shape_kji), dtype=np.float32).reshape(geometry.shape_kji), geometry)
+    back = read_volume(write_volume(tmp_path / "image.nrrd", volume))
+    assert back.geometry.same_grid(geometry) and np.array_equal(back.array, volume.array)
+
+
+def test_two_dimensional_image_is_rejected(tmp_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(tmp_path / "flat.nrrd"))
+    with pytest.raises(InputError, match="3D"):
+        read_volume(tmp_path / "flat.nrrd")
+
+
+def test_bad_output_suffix_is_rejected(tmp_path):
+    geometry = oblique_geometry()
+    with pytest.raises(InputError, match="must end with"):
+        write_mask(tmp_path / "out.png", np.zeros(geometry.shape_kji, bool), geometry, ["x"])

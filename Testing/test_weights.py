@@ -1,0 +1,60 @@
+"""Weights load only when the file and its card agree; every failure is a clear WeightsError."""
+
+import json
+import shutil
+
+import pytest
+
+from weakicl.errors import WeightsError
+from weakicl.weights import card_path, load_weights
+
+
+def test_round_trip(tiny_weights, tiny_model):
+    model, card = load_weights(tiny_weights)
+    assert card["name"] == "tiny-test" and card["parameters"] == sum(p.numel() for p in tiny_model.parameters())
+    for (name, a), b in zip(model.state_dict().items(), tiny_model.state_dict().values()):
+        assert (a == b).all(), name
+
+
+@pytest.fixture()
+def copy(tiny_weights, tmp_path):
+    target = tmp_path / "w.safetensors"
+    shutil.copy(tiny_weights, target)
+    shutil.copy(card_path(tiny_weights), card_path(target))
+    return target
+
+
+def test_corrupt_file_fails_the_checksum(copy):
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_weights(copy)
+
+
+def test_missing_card(copy):
+    card_path(copy).unlink()
+    with pytest.raises(WeightsError, match="card missing"):
+        load_weights(copy)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_weights(tmp_path / "nothing.safetensors")
+
+
+def test_not_a_safetensors_file(copy):
+    copy.write_bytes(b"\x80\x04pickle-ish garbage")
+    card = json.loads(card_path(copy).read_text())
+    card.pop("sha256")
+    card_path(copy).write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="cannot load"):
+        load_weights(copy)
+
+
+def test_card_describing_another_network(copy):
+    card = json.loads(card_path(copy).read_text())
+    card["architecture"]["channels"] = [8, 16, 32]
+    card_path(copy).write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="cannot load"):
+        load_weights(copy)
