@@ -100,3 +100,18 @@ def test_device_choice(tiny_model):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             Segmenter(model=tiny_model, device="cuda")
+
+
+def test_prepared_images_are_keyed_by_content_not_by_array_identity(segmenter, phantom):
+    """Freed arrays' ids are reused by numpy; a batch of same-shape volumes must not see stale images."""
+    volume, truth = phantom
+    task = segmenter.encode_context([(volume, truth)])
+    results = []
+    for seed in range(3):
+        target = Volume(np.random.default_rng(seed).normal(0, 50, volume.array.shape).astype(np.float32), volume.geometry, "MR")
+        results.append(segmenter.segment(target, task).probabilities)
+        del target
+    alone = Segmenter(model=segmenter.model, device="cpu")
+    target = Volume(np.random.default_rng(2).normal(0, 50, volume.array.shape).astype(np.float32), volume.geometry, "MR")
+    np.testing.assert_allclose(results[2], alone.segment(target, alone.encode_context([(volume, truth)])).probabilities, atol=1e-5)
+    assert not np.allclose(results[0], results[2])

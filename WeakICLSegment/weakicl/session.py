@@ -75,6 +75,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def volume_digest(volume: Volume) -> str:
+    """Content key of a volume: ids of freed arrays are reused, and arrays may be edited in place."""
+    digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8).ravel(), digest_size=16)
+    digest.update(repr((volume.array.dtype.str, volume.array.shape, volume.geometry.spacing, volume.modality)).encode())
+    return digest.hexdigest()
+
+
 def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
     """Prompts in original IJK -> working-grid IJK."""
     boxes = [Box(tuple(grid.ijk_to_working(b.lo_ijk)), tuple(grid.ijk_to_working(b.hi_ijk))) for b in prompts.boxes]
@@ -83,7 +90,11 @@ def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
 
 
 class Segmenter:
-    """Holds the network on a device and caches prepared images and encoded contexts."""
+    """Holds the network on a device and caches prepared images and encoded contexts.
+
+    `progress(fraction, message)` is called during long work; raising from it (e.g. `errors.Cancelled`)
+    stops the computation and nothing is returned.
+    """
 
     def __init__(self, weights=None, device: str = "auto", model=None, progress: ProgressCallback | None = None) -> None:
         import torch
@@ -105,7 +116,7 @@ class Segmenter:
     # -- preparation -------------------------------------------------------------------------------
     def _prepare(self, volume: Volume) -> tuple[WorkingGrid, np.ndarray, Geometry]:
         """Normalised image on the working grid (cached: the same volume is prepared once)."""
-        key = (id(volume.array), volume.array.shape, volume.geometry.spacing)
+        key = volume_digest(volume)
         if key not in self._prepared:
             grid = WorkingGrid.for_volume(volume, self.config.working_spacing_mm)
             image = grid.to_working(normalize_intensity(volume.array, volume.modality))
@@ -165,7 +176,7 @@ class Segmenter:
     def _context_key(items: Sequence[ContextItem], name: str) -> str:
         digest = hashlib.sha1(name.encode())
         for volume, annotation in items:
-            digest.update(str((id(volume.array), volume.array.shape)).encode())
+            digest.update(volume_digest(volume).encode())
             if isinstance(annotation, PromptSet):
                 digest.update(repr(annotation.to_voxel_json()).encode())
             else:

@@ -1,0 +1,373 @@
+"""MRML <-> engine conversion: the one place where RAS, parent transforms and voxel indices meet.
+
+Needs only `slicer` (the desktop application or pip's `slicer-core`), vtk, numpy and the engine's light
+modules (`weakicl.volume`, `weakicl.prompts`): no Qt and no torch, so it runs under pytest.
+
+Conventions: the engine wants arrays [k, j, i], IJK voxel coordinates and LPS geometry; Slicer gives
+RAS. Every node is taken in *world* coordinates (its linear parent transforms applied), so a volume,
+its prompts and its segmentation may each sit under a different transform and still line up.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+from weakicl.errors import InputError
+from weakicl.prompts import Box, Point, PromptSet, box_from_corners
+from weakicl.volume import SEGMENT_COLOURS, Geometry, Volume
+
+from .history import PackedMask
+
+ROLE_ATTRIBUTE = "WeakICLSegment.Role"
+VOLUME_REFERENCE_ROLE = "weakICLSegmentVolume"
+
+
+class PromptRole(enum.Enum):
+    """What a markups node means to the module; stored as a node attribute so scenes keep it."""
+
+    CONTEXT_BOX = "context-box"
+    CONTEXT_POSITIVE = "context-positive"
+    CONTEXT_NEGATIVE = "context-negative"
+    CORRECTION_BOX = "correction-box"
+    CORRECTION_POSITIVE = "correction-positive"
+    CORRECTION_NEGATIVE = "correction-negative"
+
+    @property
+    def is_box(self) -> bool:
+        return self.value.endswith("box")
+
+    @property
+    def positive(self) -> bool:
+        return not self.value.endswith("negative")
+
+    @property
+    def is_context(self) -> bool:
+        return self.value.startswith("context")
+
+    @property
+    def colour(self) -> tuple[float, float, float]:
+        """Positive green, negative red, boxes yellow (context) or orange (correction): told apart at a glance."""
+        if self.is_box:
+            return (1.0, 0.85, 0.1) if self.is_context else (1.0, 0.5, 0.0)
+        return (0.2, 0.85, 0.2) if self.positive else (0.95, 0.2, 0.2)
+
+    @property
+    def label(self) -> str:
+        kind = "box" if self.is_box else ("positive" if self.positive else "negative")
+        return f"{'context' if self.is_context else 'correction'} {kind}"
+
+
+CONTEXT_ROLES = tuple(role for role in PromptRole if role.is_context)
+CORRECTION_ROLES = tuple(role for role in PromptRole if not role.is_context)
+
+
+# --- matrices and images -------------------------------------------------------------------------
+
+
+def numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row, column]))
+    return matrix
+
+
+def to_world_matrix(node) -> np.ndarray:
+    """4x4 from the node's own coordinates to world RAS; a warping transform must be hardened first."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(
+            f"'{node.GetName()}' is under a non-linear transform: harden it first "
+            "(Data module, right-click the transform > Harden transform)"
+        )
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return numpy_matrix(matrix)
+
+
+def image_data(array: np.ndarray) -> vtk.vtkImageData:
+    """A deep-copied vtkImageData of a [k, j, i] array (VTK stores i fastest, like C order [k, j, i])."""
+    array = np.ascontiguousarray(array)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    return image
+
+
+def _oriented_image(array: np.ndarray, ijk_to_node: np.ndarray):
+    image = slicer.vtkOrientedImageData()
+    image.ShallowCopy(image_data(array))
+    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_node))
+    return image
+
+
+# --- volumes -------------------------------------------------------------------------------------
+
+
+def geometry_from_volume_node(node) -> Geometry:
+    """World geometry of a volume node: IJK-to-RAS with its parent transforms applied."""
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(f"volume '{node.GetName()}' has no image data")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    return Geometry.from_ijk_to_ras(to_world_matrix(node) @ numpy_matrix(ijk_to_ras), image.GetDimensions()[::-1])
+
+
+def volume_from_node(node, modality: str = "auto") -> Volume:
+    """Engine Volume (a copy of the voxels, so later edits of the node do not reach a running job)."""
+    geometry = geometry_from_volume_node(node)
+    return Volume(np.array(slicer.util.arrayFromVolume(node), copy=True), geometry, modality)
+
+
+def volume_node_from_volume(scene, volume: Volume, name: str):
+    """A new scalar volume node showing an engine Volume (synthetic data, files read by the engine)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    node.SetIJKToRASMatrix(vtk_matrix(volume.geometry.ijk_to_ras_matrix()))
+    node.SetAndObserveImageData(image_data(volume.array))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def role_of(node) -> PromptRole | None:
+    value = node.GetAttribute(ROLE_ATTRIBUTE)
+    return PromptRole(value) if value in {role.value for role in PromptRole} else None
+
+
+def create_prompt_node(scene, role: PromptRole, volume_node):
+    """A markups node for one kind of prompt on one volume: an ROI per box, a point list per sign."""
+    class_name = "vtkMRMLMarkupsROINode" if role.is_box else "vtkMRMLMarkupsFiducialNode"
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{volume_node.GetName()} {role.label}"))
+    node.SetAttribute(ROLE_ATTRIBUTE, role.value)
+    node.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volume_node.GetID())
+    if not role.is_box:
+        node.SetControlPointLabelFormat("+%d" if role.positive else "-%d")
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetSelectedColor(role.colour)
+    display.SetColor(role.colour)
+    display.SetActiveColor(role.colour)
+    return node
+
+
+def prompt_nodes(scene, roles: tuple[PromptRole, ...], volume_node=None) -> list:
+    """The module's markups nodes of the given roles (drawn on `volume_node` when given), in scene order."""
+    found = []
+    nodes = scene.GetNodes()
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if not node.IsA("vtkMRMLMarkupsNode") or role_of(node) not in roles:
+            continue
+        if volume_node is None or node.GetNodeReferenceID(VOLUME_REFERENCE_ROLE) == volume_node.GetID():
+            found.append(node)
+    return found
+
+
+def prompt_volume(node):
+    """The volume a prompt node was drawn on (None when that volume was deleted)."""
+    return node.GetNodeReference(VOLUME_REFERENCE_ROLE)
+
+
+def defined_positions(node) -> np.ndarray:
+    """World RAS positions (N, 3) of the placed control points (a point being dragged in is skipped)."""
+    positions = []
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) == node.PositionDefined:
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, position)
+            positions.append(position)
+    return np.array(positions, dtype=float).reshape(-1, 3)
+
+
+def box_from_roi(roi, geometry: Geometry) -> Box | None:
+    """The ROI's 8 world corners through RAS->IJK, as an axis-aligned IJK box clipped to the image.
+
+    None while the ROI is not placed yet. Oblique ROIs or volumes give the IJK bounding box of the ROI.
+    """
+    if roi.GetNumberOfDefinedControlPoints() == 0:
+        return None
+    to_world_matrix(roi)  # refuse warping transforms: the ROI's matrix would ignore them
+    bounds = [0.0] * 6
+    roi.GetObjectBounds(bounds)
+    corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+    corners_world = corners @ numpy_matrix(roi.GetObjectToWorldMatrix()).T
+    return clip_box(box_from_corners(geometry.ras_to_ijk(corners_world[:, :3])), geometry, roi.GetName())
+
+
+def clip_box(box: Box, geometry: Geometry, name: str) -> Box:
+    """Keep the part of a box inside the image: boxes dragged past the edge are the common case."""
+    upper = np.asarray(geometry.shape_ijk, dtype=float) - 1
+    lo, hi = np.asarray(box.lo_ijk), np.asarray(box.hi_ijk)
+    if np.any(hi < -0.5) or np.any(lo > upper + 0.5):
+        raise InputError(f"box '{name}' lies outside the image")
+    return Box(tuple(np.clip(lo, 0, upper)), tuple(np.clip(hi, 0, upper)))
+
+
+def set_roi_box(roi, box: Box, geometry: Geometry) -> None:
+    """Place an ROI on an IJK box of `geometry`, aligned with its voxel axes (scripted and synthetic prompts)."""
+    ijk_to_ras = geometry.ijk_to_ras_matrix()
+    axes = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = axes
+    object_to_node[:3, 3] = geometry.ijk_to_ras((np.asarray(box.lo_ijk) + np.asarray(box.hi_ijk)) / 2)[0]
+    object_to_node = np.linalg.inv(to_world_matrix(roi)) @ object_to_node
+    size = (np.asarray(box.hi_ijk) - np.asarray(box.lo_ijk)) * np.asarray(geometry.spacing)
+    _place_roi(roi, object_to_node, size)
+
+
+def _place_roi(roi, object_to_node: np.ndarray, size) -> None:
+    roi.GetObjectToNodeMatrix().DeepCopy(vtk_matrix(object_to_node))
+    roi.SetCenter(object_to_node[:3, 3])
+    roi.SetSize(*size)
+
+
+def prompts_from_nodes(nodes: list, geometry: Geometry) -> PromptSet:
+    """Engine prompts, in the IJK of `geometry`, from the module's markups nodes (their roles say the kind)."""
+    prompts = PromptSet()
+    for node in nodes:
+        role = role_of(node)
+        if role.is_box:
+            box = box_from_roi(node, geometry)
+            prompts.boxes.extend([box] if box else [])
+        else:
+            ijk = geometry.ras_to_ijk(defined_positions(node))
+            prompts.points.extend(Point(tuple(position), positive=role.positive) for position in ijk)
+    return prompts.validate(geometry, require_prompts=False)
+
+
+@dataclass(frozen=True)
+class MarkupState:
+    """A markups node's placed prompts, to put back on undo: control points, and an ROI's size and axes."""
+
+    node_id: str
+    positions: np.ndarray
+    roi_size: tuple[float, float, float] | None = None
+    roi_object_to_node: np.ndarray | None = None
+
+
+def capture_markup(node) -> MarkupState:
+    positions = np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())]).reshape(-1, 3)
+    if node.IsA("vtkMRMLMarkupsROINode") and len(positions):
+        return MarkupState(node.GetID(), positions, tuple(node.GetSize()), numpy_matrix(node.GetObjectToNodeMatrix()))
+    return MarkupState(node.GetID(), positions)
+
+
+def restore_markup(scene, state: MarkupState) -> None:
+    """Put a node back as captured (a node deleted since is left deleted)."""
+    node = scene.GetNodeByID(state.node_id)
+    if node is None:
+        return
+    was_modifying = node.StartModify()
+    node.RemoveAllControlPoints()
+    if state.roi_size is not None:
+        _place_roi(node, state.roi_object_to_node, state.roi_size)
+    else:
+        for position in state.positions:
+            node.AddControlPoint(*position)
+    node.EndModify(was_modifying)
+
+
+# --- segments ------------------------------------------------------------------------------------
+
+
+def register_segmentation_converters() -> None:
+    """Slicer registers these at start-up; pip's slicer-core does not, and segments need them."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    present = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    for rule_class in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if rule_class.__name__ not in present:
+            factory.RegisterConverterRule(rule_class())
+
+
+def unique_segment_name(segmentation, name: str) -> str:
+    """`name`, or `name 2`, `name 3`, ... : a new segment never shadows an existing one."""
+    taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name} {number}"
+    return candidate
+
+
+def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name: str, segment_id: str = "") -> str:
+    """Write a (K, J, I) mask into a segment and return its ID.
+
+    Without `segment_id`, or with one that does not exist yet, a new segment with a unique name is
+    added; with an existing one, only that segment's voxels are replaced. Other segments are never
+    overwritten: where they overlap, Slicer keeps them on separate labelmap layers.
+    """
+    register_segmentation_converters()
+    segmentation = segmentation_node.GetSegmentation()
+    ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
+    labelmap = _oriented_image(np.asarray(mask, dtype=bool).astype(np.uint8), ijk_to_node)
+    if segmentation.GetNumberOfSegments() == 0:  # an empty segmentation takes the target's grid
+        segmentation.SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            slicer.vtkSegmentationConverter.SerializeImageGeometry(labelmap),
+        )
+    if not segment_id or segmentation.GetSegment(segment_id) is None:
+        colour = SEGMENT_COLOURS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLOURS)]
+        segment_id = segmentation.AddEmptySegment(segment_id, unique_segment_name(segmentation, name), colour)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise RuntimeError(f"Slicer refused to write segment '{name}'")
+    return segment_id
+
+
+def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.ndarray:
+    """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I)."""
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    if labelmap.IsEmpty():
+        return np.zeros(geometry.shape_kji, dtype=bool)
+    ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
+    reference = _oriented_image(np.zeros(geometry.shape_kji, dtype=np.uint8), ijk_to_node)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
+    return values.reshape(geometry.shape_kji) > 0
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """One segment (absent: mask None) and the correction prompts that produced it, for undo/redo."""
+
+    segmentation_id: str
+    segment_id: str
+    name: str
+    geometry: Geometry
+    mask: PackedMask | None
+    markups: tuple[MarkupState, ...]
+
+
+def capture_segment_state(segmentation_node, segment_id: str, name: str, geometry: Geometry, markup_nodes: list) -> SegmentState:
+    exists = segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
+    mask = PackedMask.pack(read_segment(segmentation_node, segment_id, geometry)) if exists else None
+    return SegmentState(segmentation_node.GetID(), segment_id, name, geometry, mask, tuple(capture_markup(n) for n in markup_nodes))
+
+
+def restore_segment_state(scene, state: SegmentState) -> None:
+    """Put a segment (or its absence) and its correction prompts back as captured."""
+    segmentation_node = scene.GetNodeByID(state.segmentation_id)
+    if segmentation_node is None:
+        raise InputError("the segmentation of this step was deleted: nothing to restore")
+    if state.mask is None:
+        segmentation_node.GetSegmentation().RemoveSegment(state.segment_id)
+    else:
+        write_segment(segmentation_node, state.mask.unpack(), state.geometry, state.name, state.segment_id)
+    for markup in state.markups:
+        restore_markup(scene, markup)
