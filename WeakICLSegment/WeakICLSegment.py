@@ -21,7 +21,7 @@ import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.util import VTKObservationMixin
-from weakicl.errors import InputError, WeakICLError
+from weakicl.errors import Cancelled, InputError
 from weakicl.prompts import PromptSet
 from WeakICLSegmentLib import mrml_bridge as bridge
 from WeakICLSegmentLib.batch import image_files, output_path
@@ -84,10 +84,6 @@ class BatchSource(_LabelledChoice):
     SCENE = ("scene", "Every other volume in the scene")
     FOLDER = ("folder", "Image files in a folder")
     DICOM = ("dicom", "A DICOM study")
-
-
-class Cancelled(WeakICLError):
-    """The user pressed Cancel in a progress dialog."""
 
 
 class ActiveSegment(NamedTuple):
