@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .evaluation.metrics import dice
 from .simulation import slice_boxes
 from .volume import Geometry, Volume
 
@@ -30,12 +31,6 @@ def make_phantom(seed: int = 0) -> tuple[Volume, np.ndarray]:
     image *= 1.0 + 0.2 * (i / PHANTOM_SHAPE[2])  # bias field
     geometry = Geometry(PHANTOM_SPACING_IJK, (-60.0, -60.0, -36.0), np.eye(3), PHANTOM_SHAPE)
     return Volume(image.astype(np.float32), geometry, "MR"), target
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, slices: list[int], title: str) -> None:

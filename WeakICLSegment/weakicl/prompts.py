@@ -213,7 +213,7 @@ def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int]) -> np.ndarray:
 def _fill_between(hull: np.ndarray, first: Box, second: Box, axis: int) -> None:
     start = (first.lo_ijk[axis] + first.hi_ijk[axis]) / 2
     stop = (second.lo_ijk[axis] + second.hi_ijk[axis]) / 2
-    for position in range(int(round(start)), int(round(stop)) + 1):
+    for position in range(nearest_voxel(start), nearest_voxel(stop) + 1):
         weight = 0.0 if stop == start else (position - start) / (stop - start)
         weight = min(max(weight, 0.0), 1.0)
         lo = list((1 - weight) * np.array(first.lo_ijk) + weight * np.array(second.lo_ijk))
@@ -222,11 +222,16 @@ def _fill_between(hull: np.ndarray, first: Box, second: Box, axis: int) -> None:
         hull[_box_slices(Box(tuple(lo), tuple(hi)), hull.shape, thicken=False)] = 1.0
 
 
+def nearest_voxel(coordinate: float) -> int:
+    """Halves round up (not to even), so rasterisation does not depend on where a crop starts."""
+    return int(np.floor(coordinate + 0.5))
+
+
 def _box_slices(box: Box, shape_kji: tuple[int, int, int], thicken: bool) -> tuple[slice, slice, slice]:
     """Array slices [k, j, i] of the voxels inside a box, at least 3 voxels thick when `thicken`."""
     bounds = []
     for axis in range(3):
-        lo, hi = int(round(box.lo_ijk[axis])), int(round(box.hi_ijk[axis]))
+        lo, hi = nearest_voxel(box.lo_ijk[axis]), nearest_voxel(box.hi_ijk[axis])
         if thicken and hi - lo < 2:
             centre = (lo + hi) // 2
             lo, hi = centre - 1, centre + 1

@@ -7,12 +7,12 @@ Arrays are indexed [k, j, i]; voxel coordinates are IJK; physical coordinates ar
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -198,15 +198,8 @@ def _image_on_grid(array: np.ndarray, geometry: Geometry):
 
 
 def _write_atomically(image, path: Path, suffix: str) -> None:
-    """Write beside the destination, then rename: readers never see a partial file."""
-    handle, temporary = tempfile.mkstemp(prefix=".weakicl-", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        _sitk().WriteImage(image, temporary, True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_path(path, suffix) as temporary:
+        _sitk().WriteImage(image, str(temporary), True)
 
 
 def _add_segment_metadata(image, names: list[str]) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import WeightsError
 
 WEIGHTS_ENV = "WEAKICL_WEIGHTS"
@@ -48,14 +48,8 @@ def save_weights(model, path: str | os.PathLike, card: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    handle, temporary = tempfile.mkstemp(prefix=".weakicl-", suffix=".safetensors", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_path(path, ".safetensors") as temporary:
+        save_file(tensors, str(temporary))
     card = dict(card)
     card["architecture"] = model.config.to_dict()
     card["parameters"] = int(sum(t.numel() for t in model.parameters()))

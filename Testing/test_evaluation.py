@@ -1,0 +1,276 @@
+"""The evaluation harness: metrics against hand counts, prompt and click simulation, baselines on a
+synthetic ellipsoid, and `weakicl evaluate` end to end on a two-case synthetic manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ellipsoid, require_shared_data
+from weakicl.errors import InputError
+from weakicl.evaluation.baselines import BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
+from weakicl.evaluation.manifest import read_manifest, select_structures
+from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, score
+from weakicl.evaluation.protocols import Method, Settings, evaluate, slice_fractions, target_prompts
+from weakicl.evaluation.runner import add_evaluate_arguments, run_evaluate
+from weakicl.simulation import FULL_CONNECTIVITY
+
+SHAPE = (20, 26, 26)  # small: the tiny network slides 16-voxel windows over it
+SPACING_IJK = (0.9, 1.0, 1.2)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def cubes(shift: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A 10-voxel cube and the same cube moved `shift` voxels along k: 800 of 1000 voxels overlap."""
+    truth = np.zeros((20, 20, 20), dtype=bool)
+    truth[5:15, 5:15, 5:15] = True
+    return np.roll(truth, shift, axis=0), truth
+
+
+def test_metrics_of_two_shifted_cubes_match_hand_counts():
+    prediction, truth = cubes()
+    scores = score(prediction, truth, (1.0, 1.0, 1.0))
+    assert scores.dice == pytest.approx(2 * 800 / 2000)
+    # Every surface voxel is within 2 voxels of the other surface; the 100 voxels of the leading face
+    # (20% of the 488 surface voxels) are exactly 2 away, so the 95th percentile is 2.
+    assert scores.hd95 == pytest.approx(2.0)
+    assert scores.nsd == pytest.approx(1.0)
+    # At 1 mm, 100 face voxels plus the 6x6 centre of the opposite face (136 of 488, on each surface) fail.
+    assert score(prediction, truth, (1.0, 1.0, 1.0), tolerance_mm=1.0).nsd == pytest.approx(352 / 488, abs=1e-4)
+
+
+def test_metrics_use_the_spacing_in_array_order():
+    prediction, truth = cubes()
+    assert score(prediction, truth, (2.0, 1.0, 1.0)).hd95 == pytest.approx(4.0)  # 2 voxels of 2 mm along k
+    assert score(prediction, truth, (1.0, 3.0, 3.0)).hd95 == pytest.approx(2.0)
+
+
+def test_an_empty_prediction_has_no_hd95_and_zero_scores():
+    _, truth = cubes()
+    scores = score(np.zeros_like(truth), truth, (1.0, 1.0, 1.0))
+    assert (scores.dice, scores.hd95, scores.nsd) == (0.0, None, 0.0)
+
+
+def test_bootstrap_is_seeded_and_drops_missing_values():
+    values = [0.2, 0.9, None, 0.5, 0.7]
+    first, second = bootstrap_mean(values, seed=3), bootstrap_mean(values, seed=3)
+    assert first == second and first.n == 4 and first.mean == pytest.approx(0.575)
+    assert first.low <= first.mean <= first.high
+    assert bootstrap_mean([0.4] * 5).as_dict() == {"mean": 0.4, "ci95": [0.4, 0.4], "n": 5}
+    assert bootstrap_mean([None]) is None
+
+
+def test_click_curve_area_is_the_normalised_trapezoid():
+    assert click_curve_area([0.0, 1.0]) == pytest.approx(0.5)
+    assert click_curve_area([0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert click_curve_area([0.2, 0.6, 1.0]) == pytest.approx(0.6)
+
+
+# -- prompts and clicks ----------------------------------------------------------------------------
+def test_slice_fractions_are_evenly_spaced_inside_the_extent():
+    assert slice_fractions(3) == (0.25, 0.5, 0.75)
+    assert slice_fractions(1) == (0.5,)
+    assert len(slice_fractions(5)) == 5
+
+
+def test_three_boxes_are_tight_on_the_slices_at_a_quarter_half_and_three_quarters():
+    truth = ellipsoid((40, 40, 40), (20, 18, 22), (12, 8, 10))  # extent along k: slices 8..32
+    prompts = target_prompts(truth, Settings("propagate"), np.random.default_rng(0))
+    assert [int(box.lo_ijk[2]) for box in prompts.boxes] == [14, 20, 26]
+    for box in prompts.boxes:
+        k = int(box.lo_ijk[2])
+        assert box.hi_ijk[2] == k
+        rows, columns = np.nonzero(truth[k])
+        assert (box.lo_ijk[1], box.hi_ijk[1]) == (rows.min(), rows.max())
+        assert (box.lo_ijk[0], box.hi_ijk[0]) == (columns.min(), columns.max())
+
+
+def test_point_prompts_lie_inside_the_structure_on_the_same_slices_and_are_reproducible():
+    truth = ellipsoid((40, 40, 40), (20, 18, 22), (12, 8, 10))
+    settings = Settings("propagate", prompt_kind="points")
+    points = target_prompts(truth, settings, np.random.default_rng(5)).points
+    again = target_prompts(truth, settings, np.random.default_rng(5)).points
+    assert points == again and [p.ijk[2] for p in points] == [14.0, 20.0, 26.0]
+    assert all(p.positive and truth[tuple(int(c) for c in p.ijk[::-1])] for p in points)
+
+
+class OracleFill(Method):
+    """Starts with two holes in the truth; each click fills the error component it lands in."""
+
+    name = "oracle"
+
+    def __init__(self, truth: np.ndarray) -> None:
+        from scipy import ndimage
+
+        self.truth = truth
+        self.start = truth.copy()
+        self.start[8:14, 8:14, 8:14] = False  # the bigger hole: corrected first
+        self.start[16:19, 16:19, 16:19] = False
+        self.components = ndimage.label(truth & ~self.start, FULL_CONNECTIVITY)[0]
+        self.clicks_seen: list = []
+
+    def segment(self, trial, clicks, previous):
+        self.clicks_seen = list(clicks)
+        mask = self.start.copy()
+        for click in clicks:
+            mask |= self.components == self.components[tuple(int(c) for c in click.ijk[::-1])]
+        return mask
+
+
+def test_click_loop_corrects_the_largest_error_first_and_stays_flat_once_perfect(tmp_path):
+    truth = np.zeros((24, 24, 24), dtype=bool)
+    truth[6:20, 6:20, 6:20] = True
+    manifest = write_manifest(tmp_path, [write_case(tmp_path, "cube", truth, 0)])
+    structure = select_structures(*read_manifest(manifest), None, False)[0]
+    oracle = OracleFill(truth)
+    record = evaluate(oracle, structure, Settings("interactive", clicks=4), [])
+    first, second = oracle.clicks_seen
+    assert first.positive and all(10 <= c <= 11 for c in first.ijk)  # the centre of the 6-voxel hole
+    assert second.positive and all(16 <= c <= 18 for c in second.ijk)
+    assert record.click_dice[2:] == [1.0, 1.0, 1.0] and record.click_dice[0] < record.click_dice[1] < 1.0
+    assert record.auc == pytest.approx(click_curve_area(record.click_dice))
+
+
+# -- synthetic manifest ----------------------------------------------------------------------------
+def write_case(folder, name: str, truth: np.ndarray, seed: int) -> dict:
+    """A noisy image where `truth` (label 1) is bright, and a 3x3x3 speck (label 2, too small to evaluate)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    labels = truth.astype(np.uint8)
+    labels[1:4, 1:4, 1:4] = 2
+    image = (40 + 100 * truth + rng.normal(0, 12, truth.shape)).astype(np.float32)
+    for array, suffix in ((image, "image"), (labels, "label")):
+        itk = sitk.GetImageFromArray(array)
+        itk.SetSpacing(SPACING_IJK)
+        itk.SetOrigin((10.0, -5.0, 3.0))
+        sitk.WriteImage(itk, str(folder / f"{name}_{suffix}.nii.gz"))
+    return {"id": name, "collection": "synthetic", "modality": "MR", "image": f"{name}_image.nii.gz",
+            "label": f"{name}_label.nii.gz", "labels": {"1": "blob", "2": "speck"}}
+
+
+def write_manifest(folder, cases: list[dict], **extra) -> Path:
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({"cases": cases, **extra}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_case_cache():
+    """Cases are cached by path; every test writes its own files."""
+    from weakicl.evaluation.manifest import load_case
+
+    load_case.cache_clear()
+    yield
+    load_case.cache_clear()
+
+
+@pytest.fixture()
+def synthetic_manifest(tmp_path) -> Path:
+    """Two subjects with a bright ellipsoid each; case_b's speck is declared unseen."""
+    cases = [write_case(tmp_path, "case_a", ellipsoid(SHAPE, (10, 13, 12), (6, 8, 7)), 1),
+             write_case(tmp_path, "case_b", ellipsoid(SHAPE, (9, 12, 14), (6, 8, 7)), 2)]
+    return write_manifest(tmp_path, cases, splits={"validation": ["case_a", "case_b"]},
+                          unseen_labels={"cases": {"case_b": ["2"]}})
+
+
+def test_selection_keeps_unseen_structures_out_of_the_split(synthetic_manifest):
+    cases, document = read_manifest(synthetic_manifest)
+    split = select_structures(cases, document, "validation", False)
+    assert [s.key for s in split] == ["case_a/1", "case_a/2", "case_b/1"]
+    both = select_structures(cases, document, "validation", True)
+    assert [(s.key, s.group) for s in both][-1] == ("case_b/2", "unseen")
+    assert len(select_structures(cases, document, None, False)) == 4
+    with pytest.raises(InputError, match="no split 'test'"):
+        select_structures(cases, document, "test", False)
+
+
+@pytest.mark.parametrize("method, minimum", [
+    (BoxInterpolation(), 0.55),  # the hull covers only the middle half of the extent, with box corners
+    (GrowCut("random-walker"), 0.85),
+    (OtsuThreshold(), 0.55),  # Otsu is confined to the hull as well
+])
+def test_each_baseline_segments_a_bright_ellipsoid(synthetic_manifest, method, minimum):
+    cases, document = read_manifest(synthetic_manifest)
+    structure = select_structures(cases, document, "validation", False)[0]
+    record = evaluate(method, structure, Settings("propagate"), [])
+    assert record.status == "ok" and record.scores.dice > minimum
+
+
+@pytest.mark.skipif(growcut_backend() != "slicer", reason="slicer-core (vtkImageGrowCutSegment) not installed")
+def test_slicer_growcut_segments_a_bright_ellipsoid(synthetic_manifest):
+    cases, document = read_manifest(synthetic_manifest)
+    structure = select_structures(cases, document, "validation", False)[0]
+    assert evaluate(GrowCut("slicer"), structure, Settings("propagate"), []).scores.dice > 0.85
+
+
+def test_box_interpolation_clicks_paint_and_growcut_clicks_seed(synthetic_manifest):
+    cases, document = read_manifest(synthetic_manifest)
+    structure = select_structures(cases, document, "validation", False)[0]
+    for method in (BoxInterpolation(), GrowCut("random-walker")):
+        record = evaluate(method, structure, Settings("interactive", clicks=3), [])
+        assert len(record.click_dice) == 4 and record.click_dice[-1] >= record.click_dice[0] - 0.02
+
+
+def test_baselines_are_not_applicable_without_target_boxes(synthetic_manifest):
+    cases, document = read_manifest(synthetic_manifest)
+    structures = select_structures(cases, document, "validation", False)
+    for settings in (Settings("cross-weak"), Settings("propagate", prompt_kind="points")):
+        assert evaluate(BoxInterpolation(), structures[0], settings, structures).status == "n/a"
+    assert evaluate(OtsuThreshold(), structures[0], Settings("interactive"), structures).reason == "cannot take corrective clicks"
+
+
+# -- the command -----------------------------------------------------------------------------------
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_evaluate_end_to_end_on_a_synthetic_manifest(synthetic_manifest, tiny_weights, tmp_path):
+    from weakicl.weights import sha256_of
+
+    out = tmp_path / "report"
+    args = parse("--manifest", str(synthetic_manifest), "--split", "validation", "--protocol", "propagate",
+                 "cross-weak", "cross-dense", "interactive", "--k", "1", "--clicks", "1", "--weights",
+                 str(tiny_weights), "--device", "cpu", "--out", str(out))
+    assert run_evaluate(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["weights_sha256"] == sha256_of(tiny_weights)
+    assert results["structures_evaluated"] == 2 and len(results["skipped_structures"]) == 1
+    assert len(results["records"]) == 4 * 4 * 2  # settings x methods x structures
+    by = {(r["setting"], r["method"], r["case"]): r for r in results["records"]}
+    assert by[("propagate (3 box slices)", "growcut", "case_a")]["dice"] > 0.85
+    assert by[("cross-dense (k=1)", "model", "case_b")]["status"] == "ok"
+    assert by[("cross-weak (k=1)", "threshold", "case_b")]["status"] == "n/a"
+    assert len(by[("interactive (propagate, 3 box slices, 1 click)", "model", "case_a")]["dice_after_click"]) == 2
+    report = (out / "report.md").read_text()
+    assert "## cross-dense (k=1)" in report and "| growcut | blob | 2 |" in report
+    for figure in ("dice-propagate-3-box-slices", "clicks-interactive-propagate-3-box-slices-1-click", "overlays-cross-weak-k-1"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--manifest", "missing.json"), "manifest not found"),
+    (("--method", "magic"), "unknown method 'magic'"),
+    (("--protocol", "guess"), "unknown protocol 'guess'"),
+])
+def test_bad_input_is_one_line_input_error(synthetic_manifest, tmp_path, argv, message):
+    args = parse("--manifest", str(synthetic_manifest), "--out", str(tmp_path / "out"), "--method", "box-interp", *argv)
+    with pytest.raises(InputError, match=message):
+        run_evaluate(args)
+
+
+def test_baselines_on_two_real_validation_hippocampi(tmp_path):
+    data = require_shared_data()
+    out = tmp_path / "real"
+    args = parse("--manifest", str(data / "manifest.json"), "--split", "validation", "--limit", "2",
+                 "--method", "box-interp", "growcut", "threshold", "--out", str(out))
+    assert run_evaluate(args) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    dice = {row["method"]: row["dice"]["mean"] for row in summary if row["structure"] == "all"}
+    assert dice["growcut"] > 0.6 and dice["box-interp"] > 0.5 and dice["threshold"] > 0.4

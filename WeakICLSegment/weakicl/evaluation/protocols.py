@@ -1,0 +1,215 @@
+"""The evaluation protocols: what every method is given for one structure and how it is scored.
+
+Prompts and context subjects are derived from the labels with a generator seeded by (seed, case,
+label), so every method, and every rerun, sees exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import WeakICLError
+from ..prompts import Point, PromptSet
+from ..simulation import corrective_click, interior_points, slice_boxes
+from ..volume import Volume
+from .manifest import Structure, load_case, structure_mask
+from .metrics import Scores, click_curve_area, dice, score
+
+CROSS = ("cross-weak", "cross-dense")
+PREVIEW_MARGIN = 8  # voxels around the structure kept for the qualitative figure
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One protocol variant; `k` matters for the cross protocols and for interactive from cross-weak."""
+
+    protocol: str
+    slices: int = 3
+    prompt_kind: str = "boxes"
+    k: int = 1
+    start: str = "propagate"
+    clicks: int = 5
+    seed: int = 0
+
+    @property
+    def uses_context_subjects(self) -> bool:
+        return self.protocol in CROSS or (self.protocol == "interactive" and self.start == "cross-weak")
+
+    @property
+    def label(self) -> str:
+        """Short human name, also the key of this variant in results.json."""
+        prompts = f"{self.slices} {'box' if self.prompt_kind == 'boxes' else 'point'} slice{'s' if self.slices > 1 else ''}"
+        if self.protocol == "propagate":
+            return f"propagate ({prompts})"
+        if self.protocol in CROSS:
+            return f"{self.protocol} (k={self.k})"
+        start = f"cross-weak k={self.k}" if self.start == "cross-weak" else f"propagate, {prompts}"
+        return f"interactive ({start}, {self.clicks} click{'s' if self.clicks != 1 else ''})"
+
+
+def slice_fractions(slices: int) -> tuple[float, ...]:
+    """Evenly spaced interior fractions of the extent: 3 slices -> 25%, 50%, 75%."""
+    return tuple((n + 1) / (slices + 1) for n in range(slices))
+
+
+def structure_rng(settings: Settings, structure: Structure) -> np.random.Generator:
+    return np.random.default_rng([settings.seed, zlib.crc32(structure.key.encode())])
+
+
+def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generator) -> PromptSet:
+    """Tight axial boxes (array axis 0) on the protocol's slices, or one interior point on each of them."""
+    boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0)
+    if settings.prompt_kind == "boxes":
+        return boxes
+    points = []
+    for box in boxes.boxes:
+        k = int(round(box.lo_ijk[2]))
+        (point,) = interior_points(mask[k][None], 1, rng)  # in-plane distance, so the point is central on its slice
+        points.append(Point((point.ijk[0], point.ijk[1], float(k)), True))
+    return PromptSet(points=points)
+
+
+def context_subjects(structure: Structure, pool: list[Structure], settings: Settings) -> list[Structure]:
+    """`k` other subjects of the same collection with the same structure, chosen by the seeded generator.
+
+    The order is a seeded permutation, so the k=1 subject is the first of the k=3 subjects.
+    """
+    candidates = sorted(
+        (other for other in pool
+         if other.case.id != structure.case.id and other.case.collection == structure.case.collection
+         and other.name == structure.name and other.group == structure.group),
+        key=lambda other: other.key)
+    order = structure_rng(settings, structure).permutation(len(candidates))
+    return [candidates[index] for index in order[: settings.k]]
+
+
+@dataclass
+class Trial:
+    """Everything a method may use for one structure under one protocol (never the truth itself)."""
+
+    structure: Structure
+    volume: Volume
+    prompts: PromptSet | None
+    context: list[tuple[Volume, PromptSet | np.ndarray]]
+
+
+class NotApplicable(Exception):
+    """A method cannot run under these settings (e.g. a baseline without a target prompt)."""
+
+
+class Method(ABC):
+    """A segmentation method under evaluation; `segment` must not depend on earlier calls' state
+    except through `previous` (so methods are comparable click by click)."""
+
+    name: str
+
+    def check(self, settings: Settings) -> None:
+        """Raise NotApplicable with the reason when this method has no meaningful answer here."""
+
+    @abstractmethod
+    def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
+        """Binary [k, j, i] mask of the structure on the trial's volume."""
+
+    def describe(self) -> dict:
+        """What results.json should record about this method's configuration."""
+        return {}
+
+
+@dataclass
+class Record:
+    """The outcome of one method on one structure under one protocol variant."""
+
+    structure: Structure
+    method: str
+    setting: str
+    status: str  # "ok", "n/a" or "failed"
+    reason: str = ""
+    scores: Scores | None = None
+    seconds: float | None = None
+    click_dice: list[float] = field(default_factory=list)
+    preview: dict | None = None  # one axial slice of image, truth and prediction, for figures only
+
+    @property
+    def auc(self) -> float | None:
+        return click_curve_area(self.click_dice) if self.click_dice else None
+
+    def as_dict(self) -> dict:
+        entry = {"case": self.structure.case.id, "collection": self.structure.case.collection,
+                 "group": self.structure.group, "label": self.structure.value, "structure": self.structure.name,
+                 "method": self.method, "setting": self.setting, "status": self.status}
+        if self.reason:
+            entry["reason"] = self.reason
+        if self.scores is not None:
+            entry.update(dice=self.scores.dice, hd95_mm=self.scores.hd95, nsd=self.scores.nsd, seconds=self.seconds)
+        if self.click_dice:
+            entry.update(dice_after_click=self.click_dice, click_auc=self.auc)
+        return entry
+
+
+def build_trial(structure: Structure, settings: Settings, pool: list[Structure]) -> Trial:
+    """Target prompts (propagate, interactive from propagate) or context subjects (cross protocols)."""
+    volume, _ = load_case(structure.case)
+    if not settings.uses_context_subjects:
+        prompts = target_prompts(structure_mask(structure), settings, structure_rng(settings, structure))
+        return Trial(structure, volume, prompts, [(volume, prompts)])
+    subjects = context_subjects(structure, pool, settings)
+    if len(subjects) < settings.k:
+        raise NotApplicable(f"fewer than {settings.k} other subject(s) of the same collection have this structure")
+    dense = settings.protocol == "cross-dense"
+    context = []
+    for subject in subjects:
+        mask = structure_mask(subject)
+        context.append((load_case(subject.case)[0],
+                        mask if dense else target_prompts(mask, settings, structure_rng(settings, subject))))
+    return Trial(structure, volume, None, context)
+
+
+def evaluate(method: Method, structure: Structure, settings: Settings, pool: list[Structure]) -> Record:
+    """Run one method on one structure: one prediction, then (interactive) up to `clicks` corrections.
+
+    `seconds` counts the method's own calls only, not the click simulation or the metrics.
+    """
+    record = Record(structure, method.name, settings.label, "ok", seconds=0.0)
+    truth = structure_mask(structure)
+
+    def timed(trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
+        started = time.perf_counter()
+        mask = np.asarray(method.segment(trial, clicks, previous), dtype=bool)
+        record.seconds += time.perf_counter() - started
+        return mask
+
+    try:
+        method.check(settings)
+        trial = build_trial(structure, settings, pool)
+        prediction = timed(trial, [], None)
+        if settings.protocol == "interactive":
+            record.click_dice = [dice(prediction, truth)]
+            clicks: list[Point] = []
+            while len(record.click_dice) <= settings.clicks:
+                click = corrective_click(prediction, truth)
+                if click is not None:  # once nothing is left to correct the curve stays flat
+                    clicks.append(click)
+                    prediction = timed(trial, list(clicks), prediction)
+                record.click_dice.append(dice(prediction, truth))
+    except NotApplicable as reason:
+        return Record(structure, method.name, settings.label, "n/a", str(reason))
+    except WeakICLError as error:
+        return Record(structure, method.name, settings.label, "failed", str(error))
+    record.scores = score(prediction, truth, trial.volume.geometry.spacing[::-1])
+    record.preview = _preview(trial.volume.array, truth, prediction)
+    return record
+
+
+def _preview(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> dict:
+    """The axial slice through the structure's centre, cropped around it, for the qualitative figure."""
+    corners = np.argwhere(truth)
+    k = int(round(corners[:, 0].mean()))
+    lo = np.maximum(corners.min(axis=0)[1:] - PREVIEW_MARGIN, 0)
+    hi = corners.max(axis=0)[1:] + PREVIEW_MARGIN + 1
+    region = (k, slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    return {"image": image[region].astype(np.float32), "truth": truth[region], "prediction": prediction[region]}

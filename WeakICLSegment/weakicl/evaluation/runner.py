@@ -1,0 +1,123 @@
+"""`weakicl evaluate`: every method under every asked protocol on every structure of a manifest,
+then results.json, report.md and figures in the output folder.
+
+Imported when the `weakicl` parser is built, so heavy modules are imported inside `run_evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from . import METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import add_model_arguments
+
+    parser.add_argument("--manifest", required=True, help="manifest JSON of cases (image, label, labels, modality, splits)")
+    parser.add_argument("--split", help="evaluate the cases of this split of the manifest (e.g. validation)")
+    parser.add_argument("--unseen", action="store_true", help="also evaluate the manifest's unseen_labels structures")
+    parser.add_argument("--protocol", nargs="+", default=["propagate"], metavar="P",
+                        help=f"one or more of {', '.join(PROTOCOLS)} (default: propagate)")
+    parser.add_argument("--method", nargs="+", default=list(METHOD_NAMES), metavar="M",
+                        help=f"one or more of {', '.join(METHOD_NAMES)} (default: all)")
+    parser.add_argument("--slices", type=int, default=3, help="annotated axial slices per structure (default: 3, at 25/50/75%%)")
+    parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="boxes", help="box or one interior point per slice")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 3], help="context subjects for cross protocols (default: 1 3)")
+    parser.add_argument("--start", choices=("propagate", "cross-weak"), default="propagate", help="first prediction of interactive")
+    parser.add_argument("--clicks", type=int, default=5, help="corrective clicks in interactive (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts, context choice and bootstrap (default: 0)")
+    parser.add_argument("--limit", type=int, help="only the first N cases of each group (quick checks)")
+    parser.add_argument("--out", required=True, help="output folder for results.json, report.md and figures/")
+    add_model_arguments(parser)
+
+
+def expand_settings(args: argparse.Namespace) -> list:
+    """One Settings per protocol, times each k where other subjects form the context."""
+    from .protocols import Settings
+
+    unknown = [p for p in args.protocol if p not in PROTOCOLS]
+    if unknown:
+        raise InputError(f"unknown protocol {unknown[0]!r} (choose from {', '.join(PROTOCOLS)})")
+    if args.slices < 1 or args.clicks < 0 or min(args.k) < 1:
+        raise InputError("--slices and --k must be at least 1 and --clicks at least 0")
+    settings = []
+    for protocol in dict.fromkeys(args.protocol):
+        base = Settings(protocol, args.slices, args.prompt_kind, args.k[0], args.start, args.clicks, args.seed)
+        if base.uses_context_subjects:
+            settings += [Settings(protocol, args.slices, args.prompt_kind, k, args.start, args.clicks, args.seed)
+                         for k in dict.fromkeys(args.k)]
+        else:
+            settings.append(base)
+    return settings
+
+
+def first_cases(structures: list, limit: int | None) -> list:
+    """The structures of the first `limit` cases of each group."""
+    if limit is None:
+        return structures
+    kept: dict[str, list[str]] = {}
+    for structure in structures:
+        cases = kept.setdefault(structure.group, [])
+        if structure.case.id not in cases and len(cases) < limit:
+            cases.append(structure.case.id)
+    return [s for s in structures if s.case.id in kept[s.group]]
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .figures import draw_all
+    from .manifest import MIN_VOXELS, load_case, read_manifest, select_structures, structure_mask
+    from .methods import build_methods
+    from .metrics import SURFACE_TOLERANCE_MM
+    from .protocols import evaluate
+    from .report import summarise, write_report, write_results
+
+    settings = expand_settings(args)
+    cases, document = read_manifest(args.manifest)
+    structures = first_cases(select_structures(cases, document, args.split, args.unseen), args.limit)
+    methods = build_methods(args.method, args.weights, args.device)
+    # Every volume stays loaded for the whole run: contexts reuse them, and the Segmenter's caches are
+    # keyed by array identity, which must not be recycled by a freed array while they hold it.
+    load_case.cache_clear()
+    evaluable, skipped = [], []
+    for structure in structures:
+        (evaluable if structure_mask(structure).sum() >= MIN_VOXELS else skipped).append(structure)
+    started = time.perf_counter()
+    records = []
+    for setting in settings:
+        progress = tqdm(evaluable, desc=setting.label, unit="structure", file=sys.stderr, mininterval=2.0)
+        for structure in progress:
+            progress.set_postfix_str(structure.key, refresh=False)
+            records += [evaluate(method, structure, setting, evaluable) for method in methods]
+    load_case.cache_clear()
+    summary = summarise(records, args.seed)
+    descriptions = {method.name: method.describe() for method in methods}
+    run = {
+        "command": shlex.join(sys.argv),
+        "arguments": {key: value for key, value in vars(args).items() if key != "run"},
+        "manifest": str(Path(args.manifest).resolve()),
+        "settings": {"slices": args.slices, "prompt_kind": args.prompt_kind, "k": args.k, "start": args.start,
+                     "clicks": args.clicks, "seed": args.seed, "slice_axis": "k (array axis 0)"},
+        "methods": descriptions,
+        "weights_sha256": descriptions.get("model", {}).get("weights_sha256"),
+        "growcut_backend": descriptions.get("growcut", {}).get("backend"),
+        "min_voxels": MIN_VOXELS,
+        "surface_tolerance_mm": SURFACE_TOLERANCE_MM,
+        "structures_evaluated": len(evaluable),
+        "skipped_structures": [{"case": s.case.id, "label": s.value, "structure": s.name, "group": s.group} for s in skipped],
+        "seconds_total": time.perf_counter() - started,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / "results.json", run, records, summary)
+    write_report(out / "report.md", run, records, summary, draw_all(records, summary, out / "figures"))
+    print(f"evaluated {len(evaluable)} structures ({len(skipped)} skipped) in {run['seconds_total']:.0f} s; "
+          f"report: {out / 'report.md'}")
+    return 0
