@@ -15,7 +15,8 @@ from weakicl.errors import InputError
 from weakicl.evaluation.baselines import BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
 from weakicl.evaluation.manifest import read_manifest, select_structures
 from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, score
-from weakicl.evaluation.protocols import Method, Settings, evaluate, slice_fractions, target_prompts
+from weakicl.evaluation.protocols import Method, Settings, evaluate, target_prompts
+from weakicl.simulation import slice_fractions
 from weakicl.evaluation.runner import add_evaluate_arguments, run_evaluate
 from weakicl.simulation import FULL_CONNECTIVITY
 

@@ -13,6 +13,11 @@ from .prompts import Box, Point, PromptSet
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
+def slice_fractions(slices: int) -> tuple[float, ...]:
+    """Evenly spaced interior fractions of the extent: 3 slices -> 25%, 50%, 75%."""
+    return tuple((n + 1) / (slices + 1) for n in range(slices))
+
+
 def slice_positions(mask: np.ndarray, fractions, axis: int = 0) -> list[int]:
     """Array indices along `axis` at the given fractions of the structure's extent (always on the structure)."""
     other_axes = tuple(a for a in range(3) if a != axis)

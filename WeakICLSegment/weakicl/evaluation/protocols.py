@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import WeakICLError
 from ..prompts import Point, PromptSet
-from ..simulation import corrective_click, interior_points, slice_boxes
+from ..simulation import corrective_click, interior_points, slice_boxes, slice_fractions
 from ..volume import Volume
 from .manifest import Structure, load_case, structure_mask
 from .metrics import Scores, click_curve_area, dice, score
@@ -50,11 +50,6 @@ class Settings:
             return f"{self.protocol} (k={self.k})"
         start = f"cross-weak k={self.k}" if self.start == "cross-weak" else f"propagate, {prompts}"
         return f"interactive ({start}, {self.clicks} click{'s' if self.clicks != 1 else ''})"
-
-
-def slice_fractions(slices: int) -> tuple[float, ...]:
-    """Evenly spaced interior fractions of the extent: 3 slices -> 25%, 50%, 75%."""
-    return tuple((n + 1) / (slices + 1) for n in range(slices))
 
 
 def structure_rng(settings: Settings, structure: Structure) -> np.random.Generator:

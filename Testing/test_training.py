@@ -1,0 +1,148 @@
+"""Training pipeline: synthetic tasks, episode sampling, the real-data cache and a 3-step run with resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+PATCH = (24, 24, 24)
+TINY_RUN = {
+    "net": {"channels": [4, 8], "query_tokens": 2, "attention_heads": 2, "task_layers": 1, "patch_size": list(PATCH)},
+    "episodes": {"max_classes": 2, "max_references": 2},
+    "total_steps": 3, "warmup_steps": 1, "log_every": 1, "validate_every": 2, "checkpoint_every": 2,
+}
+
+
+def test_synthetic_subjects_have_shape_range_and_are_deterministic():
+    from weakicl.training.synthetic import SyntheticTasks
+
+    tasks = SyntheticTasks((32, 32, 32), seed=3)
+    images, labels = tasks.subjects(np.random.default_rng(1), 3)
+    again, again_labels = SyntheticTasks((32, 32, 32), seed=3).subjects(np.random.default_rng(1), 3)
+    assert len(images) == len(labels) == 3
+    for image, label, image2, label2 in zip(images, labels, again, again_labels):
+        assert image.shape == label.shape == (32, 32, 32)
+        assert image.dtype == np.float32 and label.dtype == np.uint8
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert label.max() >= 1
+        np.testing.assert_array_equal(image, image2)
+        np.testing.assert_array_equal(label, label2)
+    assert not np.array_equal(labels[0], labels[1])  # subjects differ by their deformation
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampled_episodes_are_consistent(seed):
+    from weakicl.training.episodes import MODES, EpisodeConfig, EpisodeSampler
+
+    sampler = EpisodeSampler(EpisodeConfig(max_classes=2, max_references=2), PATCH, 1.0, seed=0)
+    episode = sampler.sample(np.random.default_rng(seed))
+    classes, references = episode.ref_prompts.shape[:2]
+    assert episode.mode in MODES
+    assert episode.masks.shape == (classes,) + PATCH and episode.masks.any(axis=(1, 2, 3)).all()
+    assert episode.target_prompts.shape == (classes, 5) + PATCH
+    assert len(episode.references) == references and max(episode.references) < len(episode.images)
+    assert episode.ref_prompts.reshape(classes, references, -1).max(axis=-1).min() > 0  # every reference is prompted
+
+
+def test_corrective_clicks_address_distinct_errors():
+    from weakicl.training.episodes import corrective_clicks
+
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:15, 5:15, 5:15] = True
+    previous = truth.copy()
+    previous[5:15, 5:15, 5:8] = False  # a miss
+    previous[1:3, 1:3, 1:3] = True  # a small overshoot
+    clicks = corrective_clicks(previous, truth, 3)
+    assert [c.positive for c in clicks] == [True, False]
+
+
+def _write_case(folder, name, labels, seed):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    image = (labels * 50 + rng.normal(100, 5, labels.shape)).astype(np.float32)
+    for suffix, array in (("image", image), ("label", labels.astype(np.uint8))):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / f"{name}_{suffix}.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A manifest with 4 train cases, 1 validation case and an unseen label, prepared into a cache."""
+    pytest.importorskip("SimpleITK")
+    from weakicl.training.data import prepare_cache
+
+    folder = tmp_path_factory.mktemp("data")
+    cases = []
+    for number in range(5):
+        labels = np.zeros((20, 26, 22), np.uint8)
+        labels[4 + number % 2:12, 6:16, 5:14] = 1
+        labels[12:16, 8:18, 6:16] = 2
+        labels[5:10, 17:22, 15:19] = 3
+        _write_case(folder, f"case{number}", labels, number)
+        cases.append({"id": f"case{number}", "collection": "toy", "modality": "MR", "image": f"case{number}_image.nii.gz",
+                      "label": f"case{number}_label.nii.gz", "labels": {"1": "one", "2": "two", "3": "three"}})
+    manifest = {"cases": cases, "splits": {"train": ["case0", "case1", "case2"], "validation": ["case4"]},
+                "unseen_labels": {"cases": {"case0": ["3"], "case1": ["3"], "case2": ["3"], "case3": ["3"]}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    prepare_cache(folder / "manifest.json", folder / "cache", log=lambda message: None)
+    return folder / "cache"
+
+
+def test_cache_and_sampler_never_use_validation_cases_or_unseen_labels(tiny_cache):
+    from weakicl.training.data import CachedSubjects, load_cases, read_index
+    from weakicl.training.episodes import EpisodeConfig, EpisodeSampler
+
+    index = read_index(tiny_cache)
+    assert {e["id"]: e["split"] for e in index["cases"]} == {"case0": "train", "case1": "train", "case2": "train",
+                                                             "case3": "train", "case4": "validation"}
+    train = load_cases(tiny_cache, "train")
+    assert all(3 not in case.structures and not (case.labels == 3).any() for case in train)
+    sampler = EpisodeSampler(EpisodeConfig(synthetic_fraction=0.0, max_references=3), PATCH, 1.0, 0, CachedSubjects(train, PATCH))
+    for step in range(30):
+        episode = sampler.sample(np.random.default_rng([0, step]))
+        assert "case4" not in episode.ids
+        assert all(3 not in values for values in episode.values)
+    (validation,) = load_cases(tiny_cache, "validation")
+    assert validation.id == "case4" and 3 in validation.structures
+
+
+def test_three_steps_write_loadable_weights_and_resume_continues(tmp_path, tiny_cache):
+    from weakicl.cli import main
+    from weakicl.weights import load_weights
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN | {"cache": str(tiny_cache), "validation_cases": 1}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    model, card = load_weights(out / "weakicl.safetensors")
+    assert card["training"]["steps"] == 3 and card["architecture"]["channels"] == [4, 8]
+    assert "CC-BY-SA" not in json.dumps(card["data"]) and (out / "curves.png").is_file()
+    assert [entry["step"] for entry in json.loads((out / "validation.json").read_text())] == [2, 3]
+
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--resume", str(out), "--steps", "5"]) == 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())["state"]
+    assert state["step"] == 5 and [entry["step"] for entry in state["history"]] == [1, 2, 3, 4, 5]
+    assert load_weights(out / "weakicl.safetensors")[1]["training"]["steps"] == 5
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    from weakicl.cli import main
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN | {"total_steps": 1}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(TINY_RUN | {"net": TINY_RUN["net"] | {"channels": [8, 8]}}))
+    assert main(["train", "--config", str(other), "--out", str(tmp_path / "run"), "--device", "cpu", "--resume", str(tmp_path / "run")]) == 2
+
+
+def test_invalid_config_is_a_user_error(tmp_path):
+    from weakicl.cli import main
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(TINY_RUN | {"episodes": {"max_references": 0}}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    config.write_text(json.dumps(TINY_RUN | {"learning_rate": 0.1}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2

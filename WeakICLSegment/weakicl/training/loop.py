@@ -1,0 +1,467 @@
+"""The training loop behind `weakicl train --config CONFIG --out DIR [--minutes N] [--resume CKPT]`.
+
+Each step draws `episodes_per_step` episodes (synthetic and cached real tasks, see `episodes`), runs the
+references and targets through the network in one flattened batch, and minimises Dice + BCE with AdamW
+(linear warm-up, cosine decay). The data of step s depends only on (seed, s), so a resumed run continues
+exactly where it stopped. Weights of an exponential moving average (EMA) are validated and released.
+
+Output folder: `checkpoint/` (model, EMA and optimizer state, `state.json`), `validation.json`,
+`curves.png`, and the final EMA weights with their model card (`weakicl.weights.save_weights`).
+Torch is imported inside functions so that building the command line stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import InputError
+
+CHECKPOINT = "checkpoint"
+WEIGHTS_NAME = "weakicl.safetensors"
+DATA_SOURCES = {
+    "synthetic": {"name": "procedural synthetic label maps and images (weakicl.training.synthetic)", "licence": "none needed (generated)"},
+    "msd_hippocampus": {
+        "name": "Medical Segmentation Decathlon, Task04 Hippocampus (MR, manual labels)",
+        "licence": "CC-BY-SA 4.0",
+        "attribution": "Antonelli et al., The Medical Segmentation Decathlon, Nature Communications 13, 4128 (2022); "
+                       "Simpson et al., arXiv:1902.09063 (2019). Data from http://medicaldecathlon.com under CC-BY-SA 4.0, "
+                       "preprocessed (resampled, normalised, cropped) for training.",
+    },
+    "totalsegmentator_examples": {"name": "TotalSegmentator test reference files (CT, automatic labels)", "licence": "Apache-2.0",
+                                  "attribution": "Wasserthal et al., Radiology: Artificial Intelligence 5(5) (2023)."},
+    "brain_t1_aseg": {"name": "VoxelMorph test scan with FreeSurfer aseg labels (MR, automatic labels)", "licence": "Apache-2.0"},
+    "mni152_2009a": {"name": "MNI ICBM152 2009a template with thresholded tissue maps, as shipped by nilearn",
+                     "licence": "permissive (MNI), copyright notice kept",
+                     "attribution": "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
+                                    "Montreal Neurological Institute, McGill University."},
+}
+LICENCE_NOTE = ("Trained in part on CC-BY-SA 4.0 data (MSD hippocampus): the attribution above travels with these weights; "
+                "where the weights count as an adaptation of that data, they are shared under CC-BY-SA 4.0.")
+
+
+@dataclass
+class TrainConfig:
+    """A training run; loaded from JSON (`configs/*.json`). Unknown keys are an error."""
+
+    net: dict = field(default_factory=dict)
+    episodes: dict = field(default_factory=dict)
+    cache: str | None = None
+    collection_weights: dict = field(default_factory=dict)
+    seed: int = 0
+    episodes_per_step: int = 2
+    total_steps: int = 10000
+    lr: float = 3e-4
+    min_lr_fraction: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    self_prediction_fraction: float = 0.3
+    validation_cases: int = 4
+    validate_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    workers: int = 0
+    threads: int = 2
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"training config not found: {path}")
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path.name} is not valid JSON: {error}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(document) - known - {"description"})
+        if unknown:
+            raise InputError(f"{path.name}: unknown training option(s) {', '.join(unknown)}")
+        return cls(**{key: value for key, value in document.items() if key in known})
+
+
+@dataclass
+class TrainState:
+    """Counters and curves that survive a resume (plain JSON)."""
+
+    step: int = 0
+    episodes: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+
+
+class StepEpisodes:
+    """Map-style dataset: item s is the list of episodes of training step s (a pure function of seed and s)."""
+
+    def __init__(self, sampler, seed: int, per_step: int) -> None:
+        self.sampler, self.seed, self.per_step = sampler, seed, per_step
+
+    def __getitem__(self, step: int) -> list:
+        rng = np.random.default_rng([self.seed, int(step)])
+        return [self.sampler.sample(rng) for _ in range(self.per_step)]
+
+
+def _unbatched(item: list) -> list:
+    return item
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_fraction * lr` at `total_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min((step - config.warmup_steps) / max(config.total_steps - config.warmup_steps, 1), 1.0)
+    floor = config.min_lr_fraction
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def episode_logits(model, episodes: list, device: str):
+    """Logits [N,1,D,H,W] and targets for every class of every episode, in one flattened batch.
+
+    All distinct images are encoded once; each (class, reference) pair gives tokens, averaged per class
+    over its references; each class is decoded on its episode's target features.
+    """
+    import torch
+
+    images, ref_index, ref_prompts, groups, target_index, target_prompts, masks = [], [], [], [], [], [], []
+    for episode in episodes:
+        offset = sum(len(block) for block in images)
+        for index in range(episode.classes):
+            ref_index += [offset + reference for reference in episode.references]
+            groups += [len(target_index)] * len(episode.references)
+            target_index.append(offset)
+        images.append(episode.images)
+        ref_prompts.append(episode.ref_prompts.reshape((-1,) + episode.ref_prompts.shape[2:]))
+        target_prompts.append(episode.target_prompts)
+        masks.append(episode.masks)
+
+    def tensor(blocks: list[np.ndarray]):
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)).to(device)
+
+    def indices(values: list[int]):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    features = model.encode_image(tensor(images)[:, None])
+    tokens = model.encode_task([f[indices(ref_index)] for f in features], tensor(ref_prompts)).float()
+    group = indices(groups)
+    summed = tokens.new_zeros((len(target_index),) + tokens.shape[1:]).index_add_(0, group, tokens)
+    tokens = summed / torch.bincount(group, minlength=len(target_index)).float()[:, None, None]
+    logits = model.decode([f[indices(target_index)] for f in features], tokens, tensor(target_prompts))
+    return logits.float(), tensor(masks)[:, None]
+
+
+def segmentation_loss(logits, targets, dice_weight: float, bce_weight: float):
+    """(Soft Dice + BCE loss, hard Dice per class) averaged over classes."""
+    import torch
+    import torch.nn.functional as F
+
+    probabilities = torch.sigmoid(logits).flatten(1)
+    truth = targets.flatten(1)
+    soft = 1 - (2 * (probabilities * truth).sum(1) + 1) / (probabilities.sum(1) + truth.sum(1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    with torch.no_grad():
+        hard = (logits.flatten(1) > 0).float()
+        dice = (2 * (hard * truth).sum(1) + 1e-6) / (hard.sum(1) + truth.sum(1) + 1e-6)
+    return dice_weight * soft.mean() + bce_weight * bce, dice
+
+
+def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
+    bounds = np.cumsum([0] + [episode.classes for episode in episodes])
+    return [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def use_own_predictions(model, episodes: list, rng: np.random.Generator, fraction: float, episode_config, device: str, autocast) -> None:
+    """Replace the corrupted-truth previous mask of some correction episodes by the model's own prediction."""
+    import torch
+
+    from .episodes import with_corrections
+
+    chosen = [e for e in episodes if e.mode == "correction" and rng.random() < fraction]
+    if not chosen:
+        return
+    for episode in chosen:
+        episode.target_prompts = episode.base_prompts
+    with torch.no_grad(), autocast():
+        logits, _ = episode_logits(model, chosen, device)
+    for episode, block in zip(chosen, split_by_class(logits[:, 0].cpu().numpy() > 0, chosen)):
+        with_corrections(episode, block, rng, episode_config)
+
+
+def update_ema(ema, model, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for averaged, current in zip(ema.state_dict().values(), model.state_dict().values()):
+            if averaged.is_floating_point():
+                averaged.lerp_(current, 1 - decay)
+            else:
+                averaged.copy_(current)
+
+
+def validate(model, cases: list, device: str, autocast) -> dict:
+    """Dice of propagation from 3 axial boxes (the evaluation's protocol) on each structure of `cases`."""
+    import torch
+
+    from ..evaluation.metrics import dice
+    from ..preprocess import pad_to_multiple
+    from .episodes import propagation_episode
+
+    scores = {}
+    for case in cases:
+        image, recover = pad_to_multiple(case.image, model.config.downsampling, model.config.patch_size)
+        labels, _ = pad_to_multiple(case.labels, model.config.downsampling, model.config.patch_size, mode="constant")
+        for value in sorted(case.structures):
+            episode = propagation_episode(image, labels, value, case.spacing_ijk, case.id)
+            with torch.no_grad(), autocast():
+                logits, _ = episode_logits(model, [episode], device)
+            prediction = (logits[0, 0].cpu().numpy() > 0)[recover]
+            scores[f"{case.id}/{value}"] = dice(prediction, episode.masks[0][recover])
+    return {"dice": float(np.mean(list(scores.values()))) if scores else None, "structures": scores}
+
+
+def _write_atomic(path: Path, write) -> None:
+    with atomic_path(path, path.suffix) as temporary:
+        write(temporary)
+
+
+def save_checkpoint(folder: Path, model, ema, optimizer, state: TrainState, config: TrainConfig) -> None:
+    """Weights as safetensors, optimizer moments with torch.save (tensors only), counters as JSON (written last)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, module in (("model", model), ("ema", ema)):
+        tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+        _write_atomic(folder / f"{name}.safetensors", lambda path, tensors=tensors: save_file(tensors, str(path)))
+    _write_atomic(folder / "optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
+    document = {"state": asdict(state), "config": asdict(config)}
+    _write_atomic(folder / "state.json", lambda path: path.write_text(json.dumps(document, indent=1) + "\n"))
+
+
+def load_checkpoint(folder: Path, model, ema, optimizer, config: TrainConfig) -> TrainState:
+    import torch
+    from safetensors.torch import load_file
+
+    if (folder / CHECKPOINT / "state.json").is_file():
+        folder = folder / CHECKPOINT
+    if not (folder / "state.json").is_file():
+        raise InputError(f"no checkpoint to resume in {folder} (expected state.json)")
+    document = json.loads((folder / "state.json").read_text())
+    if document["config"]["net"] != config.net:
+        raise InputError("the checkpoint was trained with another network configuration than --config gives")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return TrainState(**document["state"])
+
+
+def plot_curves(path: Path, state: TrainState) -> bool:
+    """Loss, training Dice and validation Dice against the step; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [entry["step"] for entry in state.history]
+    left.plot(steps, [entry["loss"] for entry in state.history])
+    left.set(xlabel="step", ylabel="Dice + BCE loss", title="training loss")
+    right.plot(steps, [entry["dice"] for entry in state.history], label="training episodes")
+    checked = [entry for entry in state.validation if entry["dice"] is not None]
+    right.plot([e["step"] for e in checked], [e["dice"] for e in checked], "o-", label="validation (propagate, 3 boxes)")
+    right.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="Dice")
+    right.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def hardware(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cpu_name() -> str:
+    """The processor's model name where the system tells it (Linux), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def model_card(config: TrainConfig, state: TrainState, collections: list[str], device: str) -> dict:
+    """What `save_weights` stores beside the weights (it adds architecture, parameter count and sha256)."""
+    from .. import __version__
+
+    sources = [DATA_SOURCES.get(name, {"name": name, "licence": "see the manifest's sources"}) | {"collection": name} for name in collections]
+    last = state.validation[-1] if state.validation else {}
+    return {
+        "name": "WeakICLSegment WS-ICL network",
+        "version": __version__,
+        "weights": "exponential moving average of the training weights",
+        "training": {
+            "steps": state.step, "episodes": state.episodes, "wall_time_s": round(state.seconds, 1),
+            "hardware": hardware(device), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": asdict(config),
+        },
+        "data": sources,
+        "data_rules": "the manifest's unseen_labels are erased from the training labels and never a task; "
+                      "validation-split cases are used only for validation",
+        "licence_note": LICENCE_NOTE if "msd_hippocampus" in collections else "",
+        "validation": {"protocol": "propagate from 3 axial boxes, MSD hippocampus validation split",
+                       "step": last.get("step"), "dice": last.get("dice")},
+    }
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="training configuration JSON (see configs/)")
+    parser.add_argument("--out", help="output folder: checkpoints, curves, validation log, final weights")
+    parser.add_argument("--minutes", type=float, help="stop (checkpoint and write weights) after this many minutes")
+    parser.add_argument("--steps", type=int, help="override total_steps of the config (the length of the LR schedule)")
+    parser.add_argument("--resume", help="checkpoint folder (or output folder) to continue from")
+    parser.add_argument("--cache", help="preprocessed real-data cache (default: the config's `cache`)")
+    parser.add_argument("--prepare", action="store_true", help="preprocess --manifest into --cache first")
+    parser.add_argument("--manifest", help="data manifest.json for --prepare")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (CUDA when available)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry point of `weakicl train`; returns the exit code."""
+    from .data import prepare_cache
+
+    if args.prepare:
+        if not args.manifest or not args.cache:
+            raise InputError("--prepare needs --manifest and --cache")
+        prepare_cache(args.manifest, args.cache)
+        if not args.config:
+            return 0
+    if not args.config or not args.out:
+        raise InputError("training needs --config and --out")
+    config = TrainConfig.from_file(args.config)
+    if args.steps is not None:
+        config.total_steps = args.steps
+    if args.cache:
+        config.cache = args.cache
+    train(config, Path(args.out), args.minutes, Path(args.resume) if args.resume else None, args.device)
+    return 0
+
+
+def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: Path | None = None, device: str = "auto") -> TrainState:
+    """Train until `total_steps` or `minutes`; checkpoint, validate, plot, and write the final EMA weights."""
+    import contextlib
+    import copy
+
+    import torch
+
+    from ..network import NetConfig, WeakICLNet
+    from ..session import resolve_device
+    from ..weights import save_weights
+    from .data import CachedSubjects, load_cases, read_index
+    from .episodes import EpisodeConfig, EpisodeSampler
+
+    started = time.monotonic()
+    device = resolve_device(device)
+    if device == "cpu":
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    try:
+        net_config, episode_config = NetConfig(**config.net), EpisodeConfig(**config.episodes)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"invalid training config: {error}") from None
+    real, validation_cases, collections = None, [], ["synthetic"]
+    if config.cache:
+        real = CachedSubjects(load_cases(config.cache, "train"), net_config.patch_size, config.collection_weights, episode_config.fit_fraction)
+        validation_cases = load_cases(config.cache, "validation", limit=config.validation_cases)
+        collections += sorted({entry["collection"] for entry in read_index(config.cache)["cases"] if entry["split"] == "train"})
+    sampler = EpisodeSampler(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, real)
+
+    model = WeakICLNet(net_config).to(device)
+    ema = copy.deepcopy(model).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = load_checkpoint(resume, model, ema, optimizer, config) if resume else TrainState()
+
+    def autocast():
+        return torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = started + minutes * 60 if minutes else math.inf
+    loader = torch.utils.data.DataLoader(
+        StepEpisodes(sampler, config.seed, config.episodes_per_step), batch_size=None,
+        sampler=range(state.step, config.total_steps), num_workers=config.workers, collate_fn=_unbatched)
+    print(f"training on {hardware(device)}: step {state.step} -> {config.total_steps}"
+          f"{f', at most {minutes:g} min' if minutes else ''}; real data: {config.cache or 'none (synthetic only)'}", flush=True)
+    model.train()
+    window, window_start, window_episodes = [], time.monotonic(), 0
+    session_start_seconds = state.seconds
+
+    def checkpoint() -> None:
+        state.seconds = session_start_seconds + time.monotonic() - started
+        save_checkpoint(out / CHECKPOINT, model, ema, optimizer, state, config)
+        (out / "validation.json").write_text(json.dumps(state.validation, indent=1) + "\n")
+        plot_curves(out / "curves.png", state)
+
+    for episodes in loader:
+        use_own_predictions(model, episodes, np.random.default_rng([config.seed, state.step, 1]),
+                            config.self_prediction_fraction, episode_config, device, autocast)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, state.step)
+        with autocast():
+            logits, targets = episode_logits(model, episodes, device)
+            loss, dice = segmentation_loss(logits, targets, config.dice_weight, config.bce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, min(config.ema_decay, (1 + state.step) / (10 + state.step)))
+        state.step += 1
+        state.episodes += len(episodes)
+        window.append((loss.item(), dice.mean().item()))
+        window_episodes += len(episodes)
+        if state.step % config.log_every == 0 or state.step == config.total_steps:
+            rate = window_episodes / max(time.monotonic() - window_start, 1e-9)
+            entry = {"step": state.step, "loss": float(np.mean([w[0] for w in window])), "dice": float(np.mean([w[1] for w in window])),
+                     "lr": learning_rate(config, state.step - 1), "episodes_per_s": rate}
+            state.history.append(entry)
+            print(f"step {state.step}: loss {entry['loss']:.4f}, dice {entry['dice']:.3f}, lr {entry['lr']:.2e}, {rate:.2f} episodes/s", flush=True)
+            window, window_start, window_episodes = [], time.monotonic(), 0
+        if validation_cases and state.step % config.validate_every == 0:
+            state.validation.append({"step": state.step} | validate(ema, validation_cases, device, autocast))
+            print(f"step {state.step}: validation Dice {state.validation[-1]['dice']:.3f}", flush=True)
+        if state.step % config.checkpoint_every == 0:
+            checkpoint()
+        if time.monotonic() >= deadline or state.step >= config.total_steps:
+            break
+    if validation_cases and (not state.validation or state.validation[-1]["step"] != state.step):
+        state.validation.append({"step": state.step} | validate(ema, validation_cases, device, autocast))
+        print(f"step {state.step}: validation Dice {state.validation[-1]['dice']:.3f}", flush=True)
+    checkpoint()
+    weights = save_weights(ema.cpu(), out / WEIGHTS_NAME, model_card(config, state, collections, device))
+    print(f"wrote {weights} after {state.step} steps ({state.episodes} episodes, {state.seconds / 60:.1f} min in all)", flush=True)
+    return state
+
+
+if __name__ == "__main__":
+    from ..cli import main
+
+    sys.exit(main(["train"] + sys.argv[1:]))
