@@ -27,6 +27,7 @@ ContextItem = tuple[Volume, "PromptSet | np.ndarray"]
 ROI_MARGIN_FRACTION = 0.5
 ROI_MARGIN_VOXELS = 12
 WINDOW_OVERLAP = 0.25
+WINDOW_PATCHES = 3  # inference windows span up to this many training patches per axis
 PREPARED_CACHE_SIZE = 4
 
 
@@ -220,11 +221,12 @@ class Segmenter:
         import torch
         from monai.inferers import sliding_window_inference
 
-        patch = self.config.patch_size
-        padded_image, recover = pad_to_multiple(image, self.config.downsampling, patch)
-        padded_channels, _ = pad_to_multiple(channels, self.config.downsampling, patch, mode="constant")
+        padded_image, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
+        padded_channels, _ = pad_to_multiple(channels, self.config.downsampling, self.config.patch_size, mode="constant")
         inputs = self._tensor(np.concatenate([padded_image[None], padded_channels])[None])
         tokens = task.tokens.to(self.device)
+        # One window sees the whole region when it fits: cut structures and prompts lose context.
+        patch = tuple(min(n, WINDOW_PATCHES * p) for n, p in zip(padded_image.shape, self.config.patch_size))
         windows = math.prod(_window_count(n, p) for n, p in zip(padded_image.shape, patch))
         done = [0]
 
