@@ -264,7 +264,10 @@ def load_checkpoint(folder: Path, model, ema, optimizer, config: TrainConfig) ->
         raise InputError("the checkpoint was trained with another network configuration than --config gives")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if (folder / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    else:  # the shipped checkpoint (model_weights/checkpoint) carries no optimizer moments
+        print(f"{folder}: no optimizer.pt, AdamW moments start afresh", file=sys.stderr)
     return TrainState(**document["state"])
 
 
