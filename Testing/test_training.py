@@ -127,6 +127,21 @@ def test_three_steps_write_loadable_weights_and_resume_continues(tmp_path, tiny_
     assert load_weights(out / "weakicl.safetensors")[1]["training"]["steps"] == 5
 
 
+def test_resume_from_a_checkpoint_without_optimizer_moments(tmp_path, capsys):
+    """The shipped checkpoint carries weights and counters only; continuing it must work."""
+    from weakicl.cli import main
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN | {"total_steps": 1}))
+    shipped = tmp_path / "shipped"
+    assert main(["train", "--config", str(config), "--out", str(shipped), "--device", "cpu"]) == 0
+    (shipped / "checkpoint" / "optimizer.pt").unlink()
+    out = tmp_path / "continued"
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--resume", str(shipped / "checkpoint"), "--steps", "2"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["state"]["step"] == 2
+    assert "AdamW moments start afresh" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_architecture(tmp_path):
     from weakicl.cli import main
 
