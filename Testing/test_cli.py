@@ -74,6 +74,7 @@ BAD_INPUTS = [
     (lambda c: ["--context", c["image"], c["bad"]["other_grid"], "--output", str(c["dir"] / "o.nii.gz")], "grid"),
     (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "o.nii.gz"), "--weights", str(c["dir"] / "no.safetensors")], "weights not found"),
     (lambda c: ["--prompts", c["prompts"], "--output", c["bad"]["existing"]], "exists"),
+    (lambda c: ["--context", c["image"], c["bad"]["two_labels"], "--prompts", c["prompts"], "--output", str(c["dir"] / "o.nii.gz")], "one class"),
 ]
 
 
@@ -95,6 +96,9 @@ def bad_files(case):
     bad["empty_label"] = str(write_volume(folder / "empty_label.nrrd", Volume(np.zeros(geometry.shape_kji, np.uint8), geometry)))
     shifted = Geometry(geometry.spacing, (50.0, 0.0, 0.0), geometry.direction, geometry.shape_kji)
     bad["other_grid"] = str(write_volume(folder / "other_grid.nrrd", Volume(np.ones(geometry.shape_kji, np.uint8), shifted)))
+    two = np.zeros(geometry.shape_kji, np.uint8)
+    two[2:4, 5:9, 5:9], two[7:9, 5:9, 5:9] = 1, 2
+    bad["two_labels"] = str(write_volume(folder / "two_labels.nrrd", Volume(two, geometry)))
     (folder / "existing.nii.gz").write_bytes(b"keep me")
     bad["existing"] = str(folder / "existing.nii.gz")
     case["bad"] = bad

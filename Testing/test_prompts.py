@@ -33,9 +33,22 @@ def test_markups_point_lands_on_the_known_voxel(tmp_path, system):
     assert prompts.points[0].positive
 
 
+def test_points_still_being_placed_are_skipped(tmp_path):
+    geometry = Geometry.identity((10, 10, 10))
+    points = [{"position": [2, 3, 4], "positionStatus": "defined"}, {"position": "", "positionStatus": "undefined"}]
+    path = write_json(tmp_path / "p.mrk.json", markups("Fiducial", "LPS", controlPoints=points))
+    assert read_prompts(path, geometry).points == [Point((2, 3, 4))]
+
+
 def test_negative_point_list_by_name(tmp_path):
     geometry = Geometry.identity((10, 10, 10))
     path = write_json(tmp_path / "n.mrk.json", markups("Fiducial", "LPS", name="negative", controlPoints=[{"position": [2, 3, 4]}]))
+    assert read_prompts(path, geometry).points == [Point((2, 3, 4), positive=False)]
+
+
+def test_points_of_a_file_named_negative_are_negative(tmp_path):
+    geometry = Geometry.identity((10, 10, 10))
+    path = write_json(tmp_path / "negative.mrk.json", markups("Fiducial", "LPS", controlPoints=[{"label": "F-1", "position": [2, 3, 4]}]))
     assert read_prompts(path, geometry).points == [Point((2, 3, 4), positive=False)]
 
 

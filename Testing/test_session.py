@@ -88,6 +88,8 @@ def test_bad_session_inputs(segmenter, phantom):
         segmenter.encode_context([(volume, truth[:-1])])
     with pytest.raises(InputError, match="no prompts"):
         segmenter.encode_context([(volume, PromptSet())])
+    with pytest.raises(InputError, match="only negative points"):
+        segmenter.encode_context([(volume, PromptSet(points=[Point((3, 3, 3), positive=False)]))])
     task = TaskEmbedding.stack([segmenter.encode_context([(volume, truth)], n) for n in "ab"])
     with pytest.raises(InputError, match="one class"):
         segmenter.segment(volume, task, target_prompts=slice_boxes(truth))
@@ -115,3 +117,13 @@ def test_prepared_images_are_keyed_by_content_not_by_array_identity(segmenter, p
     target = Volume(np.random.default_rng(2).normal(0, 50, volume.array.shape).astype(np.float32), volume.geometry, "MR")
     np.testing.assert_allclose(results[2], alone.segment(target, alone.encode_context([(volume, truth)])).probabilities, atol=1e-5)
     assert not np.allclose(results[0], results[2])
+
+
+def test_working_grid_reaches_the_last_voxel():
+    from weakicl.preprocess import WorkingGrid
+
+    grid = WorkingGrid((10, 10, 10), (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
+    assert grid.working_shape_kji == (6, 6, 6)
+    np.testing.assert_allclose(grid.ijk_to_working((9, 9, 9)), (4.5, 4.5, 4.5))
+    ramp = np.broadcast_to(np.arange(10, dtype=np.float32), (10, 10, 10))
+    assert grid.to_working(ramp)[0, 0, -1] == 9.0

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import InputError, WeakICLError
 
 LABEL_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".nrrd")
@@ -49,14 +51,23 @@ def load_context(pairs: list[list[str]], modality: str):
     return items
 
 
+def label_values(items) -> list[int] | None:
+    """The non-zero label values when every context is a label image, else None."""
+    if not all(isinstance(annotation, np.ndarray) for _, annotation in items):
+        return None
+    return sorted(set(np.unique(np.concatenate([np.unique(a) for _, a in items]))) - {0})
+
+
+def multi_label(items) -> bool:
+    return len(label_values(items) or []) > 1
+
+
 def build_task(segmenter, items, label: str):
     """One class from weak prompts; one class per label value when every context is a label image."""
-    import numpy as np
-
     from .session import TaskEmbedding
 
-    if all(isinstance(annotation, np.ndarray) for _, annotation in items):
-        values = sorted(set(np.unique(np.concatenate([np.unique(a) for _, a in items]))) - {0})
+    values = label_values(items)
+    if values is not None:
         if not values:
             raise InputError("the context label images are empty")
         if len(values) > 1:
@@ -87,12 +98,16 @@ def run_segment(args: argparse.Namespace) -> int:
         context = [(target, target_prompts)]
     else:
         raise InputError("give --context IMAGE PROMPTS, or --prompts on the target to propagate within it")
+    if target_prompts is not None and args.context and multi_label(context):
+        raise InputError("--prompts apply to one class: give a context with a single label value")
     started = time.perf_counter()
     segmenter = Segmenter(args.weights, args.device, progress=progress_bar("weakicl"))
     task = build_task(segmenter, context, args.label)
     prediction = segmenter.segment(target, task, target_prompts=target_prompts)
-    write_mask(output, prediction.masks, target.geometry, prediction.names)
-    voxels = prediction.masks.reshape(len(prediction.names), -1).sum(axis=1)
+    labels = prediction.label_map()  # overlapping classes: each voxel goes to its most probable class
+    masks = labels[None] == np.arange(1, len(prediction.names) + 1)[:, None, None, None]
+    write_mask(output, masks, target.geometry, prediction.names)
+    voxels = masks.reshape(len(prediction.names), -1).sum(axis=1)
     summary = ", ".join(f"{name}: {count} voxels" for name, count in zip(prediction.names, voxels))
     print(f"wrote {output} ({summary}) in {time.perf_counter() - started:.1f} s on {segmenter.device_name}")
     return 0

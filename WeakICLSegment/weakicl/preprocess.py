@@ -61,7 +61,8 @@ class WorkingGrid:
 
     @property
     def working_shape_kji(self) -> tuple[int, int, int]:
-        return tuple(max(1, int(np.ceil(n * s - 1e-6))) for n, s in zip(self.shape_kji, self.scale_kji))
+        # voxel 0 keeps its centre, so the last working voxel must reach the last original one
+        return tuple(int(np.ceil((n - 1) * s - 1e-6)) + 1 for n, s in zip(self.shape_kji, self.scale_kji))
 
     @property
     def is_identity(self) -> bool:

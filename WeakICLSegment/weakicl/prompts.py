@@ -98,7 +98,7 @@ def read_prompts(path: str | os.PathLike, geometry: Geometry) -> PromptSet:
         raise InputError(f"{path.name}: expected a JSON object")
     try:
         if "markups" in document:
-            prompts = prompts_from_markups(document, geometry)
+            prompts = prompts_from_markups(document, geometry, all_negative=_says_negative(path.name))
         elif "boxes" in document or "points" in document:
             prompts = prompts_from_voxel_json(document)
         else:
@@ -117,8 +117,12 @@ def prompts_from_voxel_json(document: dict) -> PromptSet:
     return PromptSet(boxes, points)
 
 
-def prompts_from_markups(document: dict, geometry: Geometry) -> PromptSet:
-    """ROI markups become boxes (their 8 corners mapped to IJK), point lists become points."""
+def prompts_from_markups(document: dict, geometry: Geometry, all_negative: bool = False) -> PromptSet:
+    """ROI markups become boxes (their 8 corners mapped to IJK), point lists become points.
+
+    Points are negative when `all_negative` (a file named "negative…"), when their list is named so, or
+    when their label starts with "-" or says "neg"/"background"/"exclude" (Slicer's "F-1" stays positive).
+    """
     prompts = PromptSet()
     for markup in document["markups"]:
         to_ijk = _physical_to_ijk(markup.get("coordinateSystem", "LPS"), geometry)
@@ -126,8 +130,10 @@ def prompts_from_markups(document: dict, geometry: Geometry) -> PromptSet:
         if kind == "ROI":
             prompts.boxes.append(box_from_corners(to_ijk(_roi_corners(markup))))
         elif kind in ("Fiducial", "Point", "PointList"):
-            list_negative = _says_negative(markup.get("name", ""))
+            list_negative = all_negative or _says_negative(markup.get("name", ""))
             for control_point in markup.get("controlPoints", []):
+                if control_point.get("positionStatus", "defined") != "defined" or control_point.get("position") in ("", None):
+                    continue  # Slicer saves points still being placed without a position
                 negative = list_negative or _says_negative(control_point.get("label", "")) or _says_negative(control_point.get("description", ""))
                 ijk = to_ijk(np.array([control_point["position"]], dtype=float))[0]
                 prompts.points.append(Point(tuple(ijk), positive=not negative))

@@ -138,7 +138,9 @@ class Segmenter:
             mask = np.asarray(mask)
             if mask.shape != volume.geometry.shape_kji:
                 raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
-            channels[MASK_CHANNEL] = grid.to_working((mask > 0.5).astype(np.float32)) > 0.5
+            working = grid.to_working((mask > 0.5).astype(np.float32))
+            # a structure thinner than a working voxel must not vanish: then any overlap counts
+            channels[MASK_CHANNEL] = working >= 0.5 if np.any(working >= 0.5) else working > 0
         return channels
 
     # -- context -----------------------------------------------------------------------------------
@@ -156,6 +158,8 @@ class Segmenter:
             self.progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
             if isinstance(annotation, PromptSet):
                 annotation.validate(volume.geometry)
+                if not annotation.boxes and not any(p.positive for p in annotation.points):
+                    raise InputError(f"context {number}: only negative points; add a box or a positive point on the structure")
                 channels = self._channels(volume, annotation, None)
             else:
                 if not np.any(np.asarray(annotation) > 0.5):

@@ -158,6 +158,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     _mask_suffix(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"output folder is not writable: {path.parent}")
     return path
 
 
