@@ -28,7 +28,7 @@ def overall_rows(results: dict) -> list[dict]:
             "dice": round(row["dice"]["mean"], 3), "dice_ci95": [round(v, 3) for v in row["dice"]["ci95"]],
             "hd95_mm": None if row["hd95_mm"]["mean"] is None else round(row["hd95_mm"]["mean"], 2),
             "nsd_2mm": round(row["nsd"]["mean"], 3),
-            "click_auc": None if row.get("click_auc") is None else round(row["click_auc"], 3),
+            "click_auc": None if not row.get("click_auc") else round(row["click_auc"]["mean"], 3),
             "command": results["command"],
         })
     return rows
