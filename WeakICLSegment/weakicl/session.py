@@ -138,9 +138,9 @@ class Segmenter:
             mask = np.asarray(mask)
             if mask.shape != volume.geometry.shape_kji:
                 raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
-            working = grid.to_working((mask > 0.5).astype(np.float32))
+            resampled = grid.to_working((mask > 0.5).astype(np.float32))
             # a structure thinner than a working voxel must not vanish: then any overlap counts
-            channels[MASK_CHANNEL] = working >= 0.5 if np.any(working >= 0.5) else working > 0
+            channels[MASK_CHANNEL] = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
         return channels
 
     # -- context -----------------------------------------------------------------------------------
