@@ -34,7 +34,7 @@ def make_phantom(seed: int = 0) -> tuple[Volume, np.ndarray]:
 
 
 def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, slices: list[int], title: str) -> None:
-    """Three axial slices: the image, the truth's outline (green) and the prediction (red fill)."""
+    """Three axial slices: the image, the truth's outline (green) and the prediction (yellow fill)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -127,9 +127,11 @@ class Segmenter:
                 self._prepared.popitem(last=False)
         return self._prepared[key]
 
-    def _channels(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
-        """Prompt channels on the working grid from prompts and/or a dense mask on the volume's grid."""
-        grid, image, working = self._prepare(volume)
+    @staticmethod
+    def _channels(prepared, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
+        """Prompt channels on the working grid (`prepared` = `_prepare(volume)`) from prompts and/or a
+        dense mask on the volume's grid."""
+        grid, image, working = prepared
         channels = np.zeros((len(PROMPT_CHANNELS),) + image.shape, dtype=np.float32)
         if prompts is not None:
             prompts.validate(volume.geometry, require_prompts=False)
@@ -160,12 +162,14 @@ class Segmenter:
                 annotation.validate(volume.geometry)
                 if not annotation.boxes and not any(p.positive for p in annotation.points):
                     raise InputError(f"context {number}: only negative points; add a box or a positive point on the structure")
-                channels = self._channels(volume, annotation, None)
+                prompts, mask = annotation, None
             else:
                 if not np.any(np.asarray(annotation) > 0.5):
                     raise InputError(f"context {number}: the mask is empty")
-                channels = self._channels(volume, None, annotation)
-            image = self._prepare(volume)[1]
+                prompts, mask = None, annotation
+            prepared = self._prepare(volume)
+            channels = self._channels(prepared, volume, prompts, mask)
+            image = prepared[1]
             roi = self._roi(channels.max(axis=0) > 0)
             image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
             channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
@@ -198,8 +202,9 @@ class Segmenter:
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
         if guided and len(task.names) > 1:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
-        grid, image, _ = self._prepare(target)
-        channels = self._channels(target, target_prompts, previous)
+        prepared = self._prepare(target)
+        grid, image, _ = prepared
+        channels = self._channels(prepared, target, target_prompts, previous)
         roi = None
         if guided:
             # around the prompts when there are any (a correction touches only their neighbourhood), else the previous mask
