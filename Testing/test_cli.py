@@ -48,6 +48,18 @@ def test_cross_subject_context_with_prompts_and_with_a_label_image(case):
         assert read_label_map(output, case["geometry"]).max() <= 1
 
 
+def test_context_is_registered_onto_the_target_unless_no_align(case):
+    truth = read_label_map(case["label"]) > 0
+    masks = {}
+    for flags in ((), ("--no-align",)):
+        output = case["dir"] / f"out{len(flags)}.nii.gz"
+        assert run(case, "--context", case["image"], case["label"], *flags, "--output", str(output)) == 0
+        masks[flags] = read_label_map(output, case["geometry"]) > 0
+    aligned, plain = masks[()], masks[("--no-align",)]
+    assert 2 * (aligned & truth).sum() / (aligned.sum() + truth.sum()) > 0.8  # even an untrained network starts from the prior
+    assert not np.array_equal(aligned, plain)
+
+
 def test_multi_label_context_segments_every_label_in_one_pass(case):
     two_labels = read_label_map(case["label"])
     two_labels[two_labels > 0] = np.where(np.arange(two_labels.shape[0]) < 6, 1, 2)[:, None, None].repeat(two_labels.shape[1], 1).repeat(two_labels.shape[2], 2)[two_labels > 0]

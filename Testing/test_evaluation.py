@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ellipsoid, require_shared_data
 from weakicl.errors import InputError
-from weakicl.evaluation.baselines import BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
+from weakicl.evaluation.baselines import AtlasRegistration, BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
 from weakicl.evaluation.manifest import read_manifest, select_structures
 from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, score
 from weakicl.evaluation.protocols import Method, Settings, evaluate, target_prompts
@@ -225,6 +225,17 @@ def test_baselines_are_not_applicable_without_target_boxes(synthetic_manifest):
     assert evaluate(OtsuThreshold(), structures[0], Settings("interactive"), structures).reason == "cannot take corrective clicks"
 
 
+def test_atlas_baseline_registers_the_other_subject_and_needs_context_subjects(synthetic_manifest):
+    cases, document = read_manifest(synthetic_manifest)
+    structures = select_structures(cases, document, "validation", False)
+    blob = structures[0]
+    for protocol, minimum in (("cross-dense", 0.8), ("cross-weak", 0.5)):  # a weak context gives its box hull
+        record = evaluate(AtlasRegistration(), blob, Settings(protocol), structures)
+        assert record.status == "ok" and record.scores.dice > minimum
+    for settings in (Settings("propagate"), Settings("interactive", start="cross-weak")):
+        assert evaluate(AtlasRegistration(), blob, settings, structures).status == "n/a"
+
+
 # -- the command -----------------------------------------------------------------------------------
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -243,16 +254,29 @@ def test_evaluate_end_to_end_on_a_synthetic_manifest(synthetic_manifest, tiny_we
     results = json.loads((out / "results.json").read_text())
     assert results["weights_sha256"] == sha256_of(tiny_weights)
     assert results["structures_evaluated"] == 2 and len(results["skipped_structures"]) == 1
-    assert len(results["records"]) == 4 * 4 * 2  # settings x methods x structures
+    assert len(results["records"]) == 4 * 5 * 2  # settings x methods x structures
     by = {(r["setting"], r["method"], r["case"]): r for r in results["records"]}
     assert by[("propagate (3 box slices)", "growcut", "case_a")]["dice"] > 0.85
     assert by[("cross-dense (k=1)", "model", "case_b")]["status"] == "ok"
     assert by[("cross-weak (k=1)", "threshold", "case_b")]["status"] == "n/a"
+    assert by[("cross-dense (k=1)", "atlas", "case_b")]["dice"] > 0.7
+    assert by[("propagate (3 box slices)", "atlas", "case_a")]["status"] == "n/a"
     assert len(by[("interactive (propagate, 3 box slices, 1 click)", "model", "case_a")]["dice_after_click"]) == 2
     report = (out / "report.md").read_text()
     assert "## cross-dense (k=1)" in report and "| growcut | blob | 2 |" in report
     for figure in ("dice-propagate-3-box-slices", "clicks-interactive-propagate-3-box-slices-1-click", "overlays-cross-weak-k-1"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+def test_the_unaligned_ablation_shares_the_network_and_skips_the_atlas_prior(synthetic_manifest, tiny_weights):
+    from weakicl.evaluation.methods import build_methods
+
+    model, unaligned = build_methods(["model", "model-unaligned"], str(tiny_weights), "cpu")
+    assert (model.name, unaligned.name) == ("model", "model-unaligned") and model.segmenter is unaligned.segmenter
+    cases, document = read_manifest(synthetic_manifest)
+    structures = select_structures(cases, document, "validation", False)
+    with_prior, without = (evaluate(m, structures[0], Settings("cross-dense"), structures) for m in (model, unaligned))
+    assert with_prior.scores.dice > 0.7 and with_prior.scores.dice != without.scores.dice  # an untrained network follows the prior
 
 
 @pytest.mark.parametrize("argv, message", [

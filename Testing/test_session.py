@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
-from weakicl.prompts import Point, PromptSet
+from weakicl.prompts import MASK_CHANNEL, Point, PromptSet
 from weakicl.session import Segmenter, TaskEmbedding
 from weakicl.simulation import slice_boxes
 from weakicl.volume import Geometry, Volume
@@ -127,3 +127,31 @@ def test_working_grid_reaches_the_last_voxel():
     np.testing.assert_allclose(grid.ijk_to_working((9, 9, 9)), (4.5, 4.5, 4.5))
     ramp = np.broadcast_to(np.arange(10, dtype=np.float32), (10, 10, 10))
     assert grid.to_working(ramp)[0, 0, -1] == 9.0
+
+
+def test_a_target_without_prompts_starts_from_the_context_registered_onto_it(segmenter, phantom, monkeypatch):
+    volume, truth = phantom
+    target = Volume(np.roll(volume.array, 2, axis=1).copy(), volume.geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)])
+    assert len(task.atlases) == 1 and task.atlases[0][0].prior.max() == 1.0
+    seen = []
+    decode = segmenter.model.decode
+    monkeypatch.setattr(segmenter.model, "decode", lambda features, tokens, prompts: seen.append(prompts[:, MASK_CHANNEL].amax().item()) or decode(features, tokens, prompts))
+    aligned = segmenter.segment(target, task)
+    assert min(seen) > 0.5  # every window holds part of the prior
+    seen.clear()
+    plain = segmenter.segment(target, task, align_context=False)
+    assert max(seen) == 0.0
+    assert not np.allclose(aligned.probabilities, plain.probabilities)
+    seen.clear()
+    segmenter.segment(target, task, target_prompts=slice_boxes(truth))  # the user's own prompts say where
+    assert max(seen) == 0.0
+
+
+def test_stacking_keeps_each_class_atlas(segmenter, phantom):
+    volume, truth = phantom
+    tasks = [segmenter.encode_context([(volume, truth)], "a"), segmenter.encode_context([(volume, slice_boxes(truth))], "b")]
+    stacked = TaskEmbedding.stack(tasks)
+    assert [len(items) for items in stacked.atlases] == [1, 1]
+    assert stacked.atlases[1][0] is tasks[1].atlases[0][0]
+    assert TaskEmbedding.stack([tasks[0], TaskEmbedding(tasks[1].tokens, ["tokens only"])]).atlases == []

@@ -160,6 +160,19 @@ def test_batch_over_scene_volumes_adds_one_segmentation_each_and_saves_them(logi
     assert reports == sorted(reports) and reports[-1] <= 1.0
 
 
+def test_batch_starts_each_volume_from_the_context_registered_onto_it_unless_told_not_to(logic, scene, study):
+    volume_node, geometry, truth = study
+    follow_up = bridge.volume_node_from_volume(scene, bridge.volume_from_node(volume_node), "follow-up")
+    masks = []
+    for align in (True, False):
+        (node,) = logic.batchVolumes([follow_up], "liver", alignContext=align)
+        masks.append(bridge.read_segment(node, node.GetSegmentation().GetNthSegmentID(0), geometry))
+    aligned, plain = masks
+    assert not np.array_equal(aligned, plain)
+    between_boxes = slice(5, 8)  # the context boxes lie on slices 4, 6 and 8 of the structure's k extent
+    assert (aligned & truth)[between_boxes].sum() > 0.8 * truth[between_boxes].sum()  # even an untrained network starts there
+
+
 def test_batch_over_files_writes_results_next_to_them(logic, study, tmp_path):
     volume_node, geometry, _ = study
     for name in ("a.nii.gz", "b.nrrd"):

@@ -46,6 +46,33 @@ def test_sampled_episodes_are_consistent(seed):
     assert episode.ref_prompts.reshape(classes, references, -1).max(axis=-1).min() > 0  # every reference is prompted
 
 
+def test_atlas_episodes_carry_the_moved_reference_annotations_as_a_soft_prior():
+    from weakicl.prompts import MASK_CHANNEL
+    from weakicl.training.episodes import EpisodeConfig, EpisodeSampler
+
+    sampler = EpisodeSampler(EpisodeConfig(mode_weights={"atlas": 1.0}, max_references=3), PATCH, 1.0, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        episode = sampler.sample(rng)
+        prior = episode.target_prompts[:, MASK_CHANNEL]
+        assert episode.mode == "atlas" and episode.references
+        assert 0.0 <= prior.min() and prior.max() <= 1.0 and prior.max() > 0
+        assert not episode.target_prompts[:, :MASK_CHANNEL].any()  # no target prompts: only the prior
+
+
+def test_simulated_atlas_prior_lands_near_the_target_structure():
+    from conftest import ellipsoid
+    from weakicl.training.episodes import ATLAS_SHIFT_VOXELS, simulated_atlas_prior
+
+    target = ellipsoid(PATCH, (12, 12, 12), (5, 6, 4))
+    reference = ellipsoid(PATCH, (8, 15, 10), (4, 5, 4))  # smaller and elsewhere in its own patch
+    for seed in range(5):
+        prior = simulated_atlas_prior([reference.astype(np.float32)], [reference], target, np.random.default_rng(seed))
+        centre = np.average(np.argwhere(prior > 0), axis=0, weights=prior[prior > 0])
+        assert np.linalg.norm(centre - 12) < 4 * ATLAS_SHIFT_VOXELS[1]
+        assert 0.7 < prior.sum() / target.sum() < 1.4  # resized to the target's structure, within the 10 % jitter
+
+
 def test_corrective_clicks_address_distinct_errors():
     from weakicl.training.episodes import corrective_clicks
 
@@ -161,3 +188,17 @@ def test_invalid_config_is_a_user_error(tmp_path):
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     config.write_text(json.dumps(TINY_RUN | {"learning_rate": 0.1}))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu"])
+def test_every_shipped_config_builds_its_network_and_sampler(name):
+    from conftest import REPO
+    from weakicl.network import NetConfig
+    from weakicl.training.episodes import EpisodeConfig
+    from weakicl.training.loop import TrainConfig
+
+    config = TrainConfig.from_file(REPO / "configs" / f"{name}.json")
+    net, episodes = NetConfig(**config.net), EpisodeConfig(**config.episodes)
+    assert config.total_steps > 0 and net.patch_size and episodes.max_references >= 1
+    if name in ("cpu_atlas", "gpu"):  # they continue the shipped checkpoint: same network as cpu.json
+        assert net == NetConfig(**TrainConfig.from_file(REPO / "configs" / "cpu.json").net) and episodes.mode_weights["atlas"] > 0

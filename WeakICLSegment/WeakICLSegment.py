@@ -144,6 +144,7 @@ class WeakICLSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     segmentName: str = "structure"
     autoRefine: bool = True
+    alignContext: bool = True
     contextBank: list[tuple[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, str]]
     device: Device = Device.AUTO
     batchSource: BatchSource = BatchSource.SCENE
@@ -397,7 +398,7 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters.outputSegmentation = self.logic.createSegmentation(parameters.targetVolume)
         result = self._runLong("Segmenting", lambda report: self.logic.segment(
             parameters.targetVolume, parameters.outputSegmentation, parameters.segmentName,
-            list(parameters.contextBank), parameters.device.value, report))
+            list(parameters.contextBank), parameters.device.value, report, parameters.alignContext))
         self._showResult("Segmented", result)
         if result is not None:
             parameters.outputSegmentation.GetDisplayNode().SetVisibility(True)
@@ -448,7 +449,8 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunBatch(self) -> None:
         parameters = self._parameterNode
         options = dict(name=parameters.segmentName, bank=list(parameters.contextBank), device=parameters.device.value,
-                       folder=None if parameters.batchNextToInputs else parameters.batchOutputFolder)
+                       folder=None if parameters.batchNextToInputs else parameters.batchOutputFolder,
+                       alignContext=parameters.alignContext)
         source = parameters.batchSource
         if source == BatchSource.FOLDER:
             def work(report):
@@ -700,16 +702,17 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         return active if segmentation.GetSegmentation().GetSegment(active.segmentId) is not None else None
 
     def segment(self, targetVolume, segmentationNode, name: str, bank: Sequence[BankEntry] = (),
-                device: str = "auto", progress: Optional[ProgressCallback] = None) -> SegmentResult:
+                device: str = "auto", progress: Optional[ProgressCallback] = None, alignContext: bool = True) -> SegmentResult:
         """Segment the whole target from the context into a new segment (named uniquely).
 
-        Context drawn on the target itself also guides it (propagation within the volume)."""
+        Context drawn on the target itself also guides it (propagation within the volume); without it,
+        `alignContext` registers the context volumes onto the target as a starting prior."""
         start = time.perf_counter()
         segmenter = self.segmenter(device)
         with self._reporting(progress):
             task = segmenter.encode_context(self.contextItems(bank), name)
             target = self.engineVolume(targetVolume)
-            prediction = segmenter.segment(target, task, self.targetPrompts(targetVolume, bridge.CONTEXT_ROLES))
+            prediction = segmenter.segment(target, task, self.targetPrompts(targetVolume, bridge.CONTEXT_ROLES), align_context=alignContext)
         segmentId = segmentationNode.GetSegmentation().GenerateUniqueSegmentID(name)
         self._edit(ActiveSegment(segmentationNode.GetID(), segmentId, targetVolume.GetID(), name), name, prediction.masks[0], newSegment=True)
         return SegmentResult(segmentId, time.perf_counter() - start, segmenter.device_name)
@@ -821,14 +824,14 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         return [node for node in nodes if node is not targetVolume and not node.IsA("vtkMRMLLabelMapVolumeNode")]
 
     def batchVolumes(self, volumeNodes: Sequence, name: str, bank: Sequence[BankEntry] = (), folder: Optional[Path] = None,
-                     device: str = "auto", progress: Optional[ProgressCallback] = None) -> list:
+                     device: str = "auto", progress: Optional[ProgressCallback] = None, alignContext: bool = True) -> list:
         """One new segmentation node per volume; each also written to `folder`, else beside the
         volume's file when it has one."""
         from weakicl.volume import write_mask
 
         def handle(segmenter, task, volumeNode):
             volume = bridge.volume_from_node(volumeNode)
-            prediction = segmenter.segment(volume, task)
+            prediction = segmenter.segment(volume, task, align_context=alignContext)
             segmentationNode = self.createSegmentation(volumeNode)
             bridge.write_segment(segmentationNode, prediction.masks[0], volume.geometry, name)
             destination = folder or self._fileFolder(volumeNode)
@@ -845,13 +848,13 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         return Path(fileName).parent if fileName else None
 
     def batchFiles(self, paths: Sequence[Path], name: str, bank: Sequence[BankEntry] = (), folder: Optional[Path] = None,
-                   device: str = "auto", progress: Optional[ProgressCallback] = None) -> list[Path]:
+                   device: str = "auto", progress: Optional[ProgressCallback] = None, alignContext: bool = True) -> list[Path]:
         """Segment image files without loading them into the scene; results beside them or in `folder`."""
         from weakicl.volume import read_volume, write_mask
 
         def handle(segmenter, task, path):
             volume = read_volume(path)
-            prediction = segmenter.segment(volume, task)
+            prediction = segmenter.segment(volume, task, align_context=alignContext)
             return write_mask(output_path(Path(path).name, name, Path(folder or Path(path).parent)), prediction.masks, volume.geometry, [name])
 
         if not paths:

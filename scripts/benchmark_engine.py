@@ -3,8 +3,8 @@
     python scripts/benchmark_engine.py [--device cpu] [--weights FILE] [--out benchmarks/engine_cpu.json]
 
 Times model load, context encoding (3 slice boxes), whole-volume segmentation of another volume with
-that context (sliding window, no target prompts), in-volume propagation from the boxes, and one
-corrective click; reports peak resident memory of the process.
+that context (affine registration of the context onto it, then sliding window; no target prompts),
+in-volume propagation from the boxes, and one corrective click; reports peak resident memory.
 """
 
 from __future__ import annotations

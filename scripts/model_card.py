@@ -1,6 +1,6 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/*/results.json
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/v0.1/results.json reports/v0.1-unaligned/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
 that produced it) to the JSON card beside the weights, and renders `model_weights/README.md`.
@@ -39,7 +39,7 @@ def markdown(card: dict, rows: list[dict]) -> str:
     lines = [
         f"# Model card: {card.get('name', 'weakicl')}",
         "",
-        f"- file: `{card.get('file', 'weakicl-0.1.safetensors')}` (safetensors), sha256 `{card['sha256']}`",
+        f"- file: `{card.get('file', 'weakicl.safetensors')}` (safetensors), sha256 `{card['sha256']}`",
         f"- architecture: WeakICLNet, channels {card['architecture']['channels']}, {card['parameters'] / 1e6:.2f} M parameters, "
         f"training patch {card['architecture']['patch_size']}, working spacing >= {card['architecture']['working_spacing_mm']} mm",
         f"- training: {training.get('steps')} steps ({training.get('episodes')} episodes), "

@@ -103,7 +103,7 @@ def run_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     segmenter = Segmenter(args.weights, args.device, progress=progress_bar("weakicl"))
     task = build_task(segmenter, context, args.label)
-    prediction = segmenter.segment(target, task, target_prompts=target_prompts)
+    prediction = segmenter.segment(target, task, target_prompts=target_prompts, align_context=not args.no_align)
     labels = prediction.label_map()  # overlapping classes: each voxel goes to its most probable class
     masks = labels[None] == np.arange(1, len(prediction.names) + 1)[:, None, None, None]
     write_mask(output, masks, target.geometry, prediction.names)
@@ -125,6 +125,9 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference image and its prompts (.mrk.json, voxel JSON) or label image; repeatable")
     parser.add_argument("--prompts", help="prompts on the target (.mrk.json or voxel JSON); alone, the target is its own context")
     parser.add_argument("--label", default="segment", help="segment name (default: segment)")
+    parser.add_argument("--no-align", action="store_true",
+                        help="do not register the context images to the target (by default, without --prompts, "
+                             "each context's annotation is registered onto the target as a starting prior)")
     parser.add_argument("--output", required=True, help="output: .nii.gz, .nii, .nrrd (label map) or .seg.nrrd")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_model_arguments(parser)

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetResBlock
 from torch import nn
 
-from .prompts import MASK_CHANNEL, PROMPT_CHANNELS
+from .prompts import FOREGROUND_CHANNELS, MASK_CHANNEL, PROMPT_CHANNELS
 
 NORM = ("instance", {"affine": True})
 HULL_CHANNEL = PROMPT_CHANNELS.index("box_hull")
-FOREGROUND_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "mask")]
 
 
 @dataclass

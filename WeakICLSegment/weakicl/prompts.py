@@ -18,6 +18,7 @@ from .volume import Geometry
 
 PROMPT_CHANNELS = ("box", "box_hull", "positive", "negative", "mask")
 MASK_CHANNEL = PROMPT_CHANNELS.index("mask")
+FOREGROUND_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "mask")]
 THIN_BOX_VOXELS = 2.0  # a box thinner than this along an axis was drawn on one slice
 NEGATIVE_WORDS = ("neg", "background", "exclude")
 
@@ -191,6 +192,12 @@ def mask_channels(mask: np.ndarray) -> np.ndarray:
     channels = np.zeros((len(PROMPT_CHANNELS),) + mask.shape, dtype=np.float32)
     channels[MASK_CHANNEL] = np.asarray(mask, dtype=np.float32) > 0.5
     return channels
+
+
+def foreground_prior(channels: np.ndarray) -> np.ndarray:
+    """Where prompt channels (5, ...) say the structure is, in [0, 1]: the maximum of box, hull,
+    positive points and mask. This is what a context annotation can tell about another subject."""
+    return np.asarray(channels)[FOREGROUND_CHANNELS].max(axis=0)
 
 
 def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int]) -> np.ndarray:

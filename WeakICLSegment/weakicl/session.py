@@ -3,7 +3,7 @@ many targets, refine with prompts.
 
     segmenter = Segmenter()                                   # shipped weights, GPU when there is one
     task = segmenter.encode_context([(reference, prompts)])   # weak prompts or a dense mask; cached
-    prediction = segmenter.segment(target, task)              # any other volume of the study
+    prediction = segmenter.segment(target, task)              # any other volume of the study (context aligned to it)
     prediction = segmenter.segment(target, task, target_prompts=clicks, previous=prediction.masks[0])
 """
 
@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .preprocess import WorkingGrid, normalize_intensity, pad_to_multiple, roi_around
-from .prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, rasterize
-from .volume import Geometry, Volume
+from .prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
+from .registration import AtlasItem, atlas_prior
+from .volume import Geometry, Volume, volume_digest
 
 ProgressCallback = Callable[[float, str], None]
 ContextItem = tuple[Volume, "PromptSet | np.ndarray"]
@@ -29,14 +30,21 @@ ROI_MARGIN_VOXELS = 12
 WINDOW_OVERLAP = 0.25
 WINDOW_PATCHES = 3  # inference windows span up to this many training patches per axis
 PREPARED_CACHE_SIZE = 4
+TRANSFORM_CACHE_SIZE = 64
+TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 
 
 @dataclass
 class TaskEmbedding:
-    """Task tokens [N classes, T, E] (on the CPU) and the class names; independent of any target."""
+    """Task tokens [N classes, T, E] (on the CPU) and the class names; independent of any target.
+
+    `atlases` keeps, per class, the references' images and annotation priors, so that a target without
+    prompts gets the context aligned to it (the atlas prior); empty when built from tokens alone.
+    """
 
     tokens: "torch.Tensor"  # noqa: F821
     names: list[str]
+    atlases: list[list[AtlasItem]] = field(default_factory=list)
 
     @classmethod
     def stack(cls, tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -45,7 +53,8 @@ class TaskEmbedding:
 
         if not tasks:
             raise InputError("no tasks to stack")
-        return cls(torch.cat([t.tokens for t in tasks]), [name for t in tasks for name in t.names])
+        atlases = [items for t in tasks for items in t.atlases] if all(t.atlases for t in tasks) else []
+        return cls(torch.cat([t.tokens for t in tasks]), [name for t in tasks for name in t.names], atlases)
 
 
 @dataclass
@@ -64,6 +73,19 @@ class Prediction:
         return np.where(self.masks.any(axis=0), best + 1, 0).astype(np.uint8)
 
 
+class BoundedCache(OrderedDict):
+    """A dict that forgets its oldest entries beyond `size`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -74,13 +96,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
     return device
-
-
-def volume_digest(volume: Volume) -> str:
-    """Content key of a volume: ids of freed arrays are reused, and arrays may be edited in place."""
-    digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8).ravel(), digest_size=16)
-    digest.update(repr((volume.array.dtype.str, volume.array.shape, volume.geometry.spacing, volume.modality)).encode())
-    return digest.hexdigest()
 
 
 def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
@@ -111,8 +126,9 @@ class Segmenter:
         self.config = model.config
         self.progress = progress or (lambda fraction, message: None)
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "CPU"
-        self._prepared: OrderedDict = OrderedDict()
-        self._tasks: dict[str, TaskEmbedding] = {}
+        self._prepared = BoundedCache(PREPARED_CACHE_SIZE)
+        self._tasks = BoundedCache(TASK_CACHE_SIZE)
+        self._transforms = BoundedCache(TRANSFORM_CACHE_SIZE)
 
     # -- preparation -------------------------------------------------------------------------------
     def _prepare(self, volume: Volume) -> tuple[WorkingGrid, np.ndarray, Geometry]:
@@ -123,8 +139,6 @@ class Segmenter:
             image = grid.to_working(normalize_intensity(volume.array, volume.modality))
             working = Geometry(grid.working_spacing_ijk, volume.geometry.origin, volume.geometry.direction, grid.working_shape_kji)
             self._prepared[key] = (grid, image, working)
-            while len(self._prepared) > PREPARED_CACHE_SIZE:
-                self._prepared.popitem(last=False)
         return self._prepared[key]
 
     @staticmethod
@@ -155,7 +169,7 @@ class Segmenter:
         key = self._context_key(items, name)
         if key in self._tasks:
             return self._tasks[key]
-        tokens = []
+        tokens, atlas = [], []
         for number, (volume, annotation) in enumerate(items, 1):
             self.progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
             if isinstance(annotation, PromptSet):
@@ -170,6 +184,7 @@ class Segmenter:
             prepared = self._prepare(volume)
             channels = self._channels(prepared, volume, prompts, mask)
             image = prepared[1]
+            atlas.append(AtlasItem(image, prepared[2], foreground_prior(channels), volume_digest(volume)))
             roi = self._roi(channels.max(axis=0) > 0)
             image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
             channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
@@ -177,7 +192,7 @@ class Segmenter:
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
         self.progress(1.0, "context encoded")
-        task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name])
+        task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas])
         self._tasks[key] = task
         return task
 
@@ -193,18 +208,24 @@ class Segmenter:
         return digest.hexdigest()
 
     # -- targets -----------------------------------------------------------------------------------
-    def segment(self, target: Volume, task: TaskEmbedding, target_prompts: PromptSet | None = None, previous: np.ndarray | None = None) -> Prediction:
+    def segment(self, target: Volume, task: TaskEmbedding, target_prompts: PromptSet | None = None,
+                previous: np.ndarray | None = None, align_context: bool = True) -> Prediction:
         """Segment every class of `task` in `target`.
 
         With target prompts or a previous mask, only a region around them is recomputed (propagation
-        and correction); without, the whole volume is covered by overlapping windows.
+        and correction); without, the whole volume is covered by overlapping windows and, unless
+        `align_context` is False, each class starts from its context registered to the target.
         """
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
         if guided and len(task.names) > 1:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
         prepared = self._prepare(target)
-        grid, image, _ = prepared
+        grid, image, working = prepared
         channels = self._channels(prepared, target, target_prompts, previous)
+        priors = None
+        if align_context and not guided and task.atlases:
+            key = volume_digest(target)
+            priors = np.stack([atlas_prior(items, image, working, key, self.progress, self._transforms) for items in task.atlases])
         roi = None
         if guided:
             # around the prompts when there are any (a correction touches only their neighbourhood), else the previous mask
@@ -214,7 +235,8 @@ class Segmenter:
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         if previous is not None:
             probabilities[0] = channels[MASK_CHANNEL]
-        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task)
+        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task,
+                                                                   None if priors is None else priors[(slice(None),) + roi])
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n)) for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
         if previous is not None:
@@ -226,12 +248,16 @@ class Segmenter:
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
         return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
 
-    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding) -> np.ndarray:
+    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding, priors: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities over `image`; prompt `channels` (5, ...) are shared by the classes, `priors`
+        (N, ...) replace the mask channel of each class."""
         import torch
         from monai.inferers import sliding_window_inference
 
+        classes = len(task.names)
         padded_image, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
-        padded_channels, _ = pad_to_multiple(channels, self.config.downsampling, self.config.patch_size, mode="constant")
+        stacked = channels if priors is None else np.concatenate([channels, priors])
+        padded_channels, _ = pad_to_multiple(stacked, self.config.downsampling, self.config.patch_size, mode="constant")
         inputs = self._tensor(np.concatenate([padded_image[None], padded_channels])[None])
         tokens = task.tokens.to(self.device)
         # One window sees the whole region when it fits: cut structures and prompts lose context.
@@ -241,7 +267,10 @@ class Segmenter:
 
         def predict(window: torch.Tensor) -> torch.Tensor:
             features = self.model.encode_image(window[:, :1])
-            logits = self.model.decode(features, tokens, window[:, 1:].expand(len(task.names), -1, -1, -1, -1))
+            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat(classes, 1, 1, 1, 1)
+            if priors is not None:
+                prompts[:, MASK_CHANNEL] = window[0, 1 + len(PROMPT_CHANNELS):]
+            logits = self.model.decode(features, tokens, prompts)
             done[0] += 1
             self.progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
             return logits.transpose(0, 1)

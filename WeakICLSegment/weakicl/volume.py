@@ -6,6 +6,7 @@ Arrays are indexed [k, j, i]; voxel coordinates are IJK; physical coordinates ar
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,13 @@ class Volume:
             raise InputError(f"modality must be CT, MR or auto, not {self.modality!r}")
 
 
+def volume_digest(volume: Volume) -> str:
+    """Content key of a volume: ids of freed arrays are reused, and arrays may be edited in place."""
+    digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8).ravel(), digest_size=16)
+    digest.update(repr((volume.array.dtype.str, volume.array.shape, volume.geometry.spacing, volume.modality)).encode())
+    return digest.hexdigest()
+
+
 def _sitk():
     import SimpleITK as sitk
 
@@ -177,7 +185,7 @@ def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, n
     labels = np.zeros(geometry.shape_kji, dtype=np.uint8)
     for index in range(masks.shape[0]):
         labels[masks[index] & (labels == 0)] = index + 1
-    image = _image_on_grid(labels, geometry)
+    image = image_on_grid(labels, geometry)
     if _mask_suffix(path) == ".seg.nrrd":
         _add_segment_metadata(image, names)
     _write_atomically(image, path, _mask_suffix(path))
@@ -187,11 +195,12 @@ def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, n
 def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     """Write an image with its geometry, atomically."""
     path = check_output_path(path)
-    _write_atomically(_image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path))
+    _write_atomically(image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path))
     return path
 
 
-def _image_on_grid(array: np.ndarray, geometry: Geometry):
+def image_on_grid(array: np.ndarray, geometry: Geometry):
+    """A SimpleITK image of `array` ([k, j, i]) placed by `geometry` (LPS, as ITK expects)."""
     image = _sitk().GetImageFromArray(array)
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)

@@ -35,6 +35,9 @@ class WeakICLSegmentWidgetTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameters.segmentName, "left kidney")
         parameters.autoRefine = False
         self.assertFalse(self.widget.ui.autoRefineCheckBox.checked)
+        self.assertTrue(self.widget.ui.alignContextCheckBox.checked)
+        self.widget.ui.alignContextCheckBox.checked = False
+        self.assertFalse(parameters.alignContext)
         self.assertTrue(self.widget.ui.segmentButton.enabled)
         self.assertFalse(self.widget.ui.refineButton.enabled)  # nothing segmented yet
 

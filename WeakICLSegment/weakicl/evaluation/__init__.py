@@ -8,5 +8,6 @@ Layers, bottom up: `metrics` (Dice, HD95, surface Dice, bootstrap), `manifest` (
 """
 
 PROTOCOLS = ("propagate", "cross-weak", "cross-dense", "interactive")
-METHOD_NAMES = ("model", "box-interp", "growcut", "threshold")
+METHOD_NAMES = ("model", "box-interp", "growcut", "threshold", "atlas", "model-unaligned")
+DEFAULT_METHODS = METHOD_NAMES[:5]  # model-unaligned (task tokens alone) is an ablation, asked for by name
 PROMPT_KINDS = ("boxes", "points")

@@ -1,8 +1,9 @@
 """Model-free baselines that see exactly the prompts the model sees.
 
 Each works on a crop around the prompts (never around the truth) so that 50 hippocampi with all
-baselines take seconds, and pastes its answer back into a full-size mask. All three need target boxes,
-so they are not applicable to the cross-subject protocols or to point prompts.
+baselines take seconds, and pastes its answer back into a full-size mask. Box interpolation, GrowCut
+and threshold need target boxes, so they are not applicable to the cross-subject protocols or to point
+prompts; the atlas baseline is the classical answer to exactly those protocols.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, rasterize
+from ..preprocess import normalize_intensity
+from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
+from ..registration import AtlasItem, atlas_prior
 from ..simulation import FULL_CONNECTIVITY
-from ..volume import Geometry, Volume
+from ..volume import Geometry, Volume, volume_digest
 from .protocols import Method, NotApplicable, Settings, Trial
 
 CLICK_RADIUS_MM = 3.0  # a corrective click paints or erases a ball of this radius (box-interp) or seeds it (growcut)
@@ -244,4 +247,32 @@ class OtsuThreshold(BaselineMethod):
         return crop.paste(chosen, trial.volume.geometry.shape_kji)
 
 
-BASELINES = {method.name: method for method in (BoxInterpolation, GrowCut, OtsuThreshold)}
+class AtlasRegistration(Method):
+    """Multi-atlas segmentation: every context image registered to the target (affine, mutual
+    information), its mask or its prompts' box hull carried along, the mean thresholded at 0.5.
+    This is the model's atlas prior on its own, so the table shows what the network adds to it."""
+
+    name = "atlas"
+
+    def check(self, settings: Settings) -> None:
+        if not settings.uses_context_subjects or settings.protocol == "interactive":
+            raise NotApplicable("needs other subjects as the only context, and takes no clicks")
+
+    def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
+        items = [AtlasItem(_normalized(volume), volume.geometry, _annotation_prior(volume, annotation), volume_digest(volume))
+                 for volume, annotation in trial.context]
+        target = trial.volume
+        return atlas_prior(items, _normalized(target), target.geometry, volume_digest(target)) >= 0.5
+
+
+def _normalized(volume: Volume) -> np.ndarray:
+    return normalize_intensity(volume.array, volume.modality)
+
+
+def _annotation_prior(volume: Volume, annotation: PromptSet | np.ndarray) -> np.ndarray:
+    if isinstance(annotation, PromptSet):
+        return foreground_prior(rasterize(annotation, volume.geometry))
+    return (np.asarray(annotation) > 0.5).astype(np.float32)
+
+
+BASELINES = {method.name: method for method in (BoxInterpolation, GrowCut, OtsuThreshold, AtlasRegistration)}

@@ -13,30 +13,32 @@ from . import METHOD_NAMES
 from .baselines import BASELINES
 from .protocols import Method, Trial
 
-MODEL = "model"
+MODEL, UNALIGNED = "model", "model-unaligned"
 
 
 class ModelMethod(Method):
     """The network exactly as a user drives it: encode the context, segment the target, and for
-    corrections segment again with the boxes plus the clicks so far and the previous mask."""
+    corrections segment again with the boxes plus the clicks so far and the previous mask.
+    `align_context=False` is the ablation without the atlas prior (task tokens alone)."""
 
-    name = MODEL
-
-    def __init__(self, segmenter, weights: Path) -> None:
+    def __init__(self, segmenter, weights: Path, align_context: bool = True) -> None:
         self.segmenter = segmenter
         self.weights = weights
+        self.align_context = align_context
+        self.name = MODEL if align_context else UNALIGNED
 
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
         task = self.segmenter.encode_context(trial.context, trial.structure.name)  # cached: encoded once per trial
         prompts = (trial.prompts or PromptSet()) + PromptSet(points=list(clicks))
-        prediction = self.segmenter.segment(trial.volume, task, None if prompts.is_empty() else prompts, previous)
+        prediction = self.segmenter.segment(trial.volume, task, None if prompts.is_empty() else prompts, previous,
+                                            align_context=self.align_context)
         return prediction.masks[0]
 
     def describe(self) -> dict:
         from ..weights import sha256_of
 
         return {"weights": str(self.weights), "weights_sha256": sha256_of(self.weights),
-                "model_card": self.segmenter.card,
+                "model_card": self.segmenter.card, "align_context": self.align_context,
                 "device": self.segmenter.device_name}
 
 
@@ -46,13 +48,15 @@ def build_methods(names: list[str], weights: str | None, device: str) -> list[Me
     if unknown:
         raise InputError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHOD_NAMES)})")
     methods: list[Method] = []
+    segmenter = None
     for name in dict.fromkeys(names):
-        if name == MODEL:
+        if name in (MODEL, UNALIGNED):
             from ..session import Segmenter
             from ..weights import default_weights_path
 
             path = Path(weights) if weights else default_weights_path()
-            methods.append(ModelMethod(Segmenter(path, device), path))
+            segmenter = segmenter or Segmenter(path, device)  # one network and its caches for both variants
+            methods.append(ModelMethod(segmenter, path, align_context=name == MODEL))
         else:
             methods.append(BASELINES[name]())
     return methods

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from . import METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
+from . import DEFAULT_METHODS, METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unseen", action="store_true", help="also evaluate the manifest's unseen_labels structures")
     parser.add_argument("--protocol", nargs="+", default=["propagate"], metavar="P",
                         help=f"one or more of {', '.join(PROTOCOLS)} (default: propagate)")
-    parser.add_argument("--method", nargs="+", default=list(METHOD_NAMES), metavar="M",
-                        help=f"one or more of {', '.join(METHOD_NAMES)} (default: all)")
+    parser.add_argument("--method", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
+                        help=f"one or more of {', '.join(METHOD_NAMES)} (default: all but model-unaligned)")
     parser.add_argument("--slices", type=int, default=3, help="annotated axial slices per structure (default: 3, at 25/50/75%%)")
     parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="boxes", help="box or one interior point per slice")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3], help="context subjects for cross protocols (default: 1 3)")

@@ -4,6 +4,8 @@ Three modes, mixed at random:
 - propagate: the reference is the target volume itself with weak prompts (slice boxes, a 3D box,
   points); the same prompts are the target prompts; the label is the full mask.
 - cross: references are other subjects of the same task with weak prompts or dense masks; no target prompts.
+- atlas: cross, plus the references' annotations moved onto the target as a soft prior in the mask
+  channel, as registering the references to the target does at inference (`weakicl.registration`).
 - correction: propagate or cross, plus a previous mask (corrupted truth, or the model's own prediction
   when the training loop supplies one) and 1-3 corrective clicks of the challenge protocol.
 
@@ -21,16 +23,18 @@ import numpy as np
 from scipy import ndimage
 
 from ..preprocess import normalize_intensity
-from ..prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, mask_channels, rasterize
+from ..prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
 from ..simulation import FULL_CONNECTIVITY, background_points, corrective_click, interior_points, slice_boxes, slice_fractions
 from ..volume import Geometry
 from .synthetic import SyntheticTasks
 
-MODES = ("propagate", "cross", "correction")
+MODES = ("propagate", "cross", "atlas", "correction")
 PROMPT_STYLES = ("slice_boxes", "box3d", "points", "boxes_points")
 MIN_CLASS_VOXELS = 20
 DRAW_ATTEMPTS = 5
 POINT_CHANNELS = [PROMPT_CHANNELS.index("positive"), PROMPT_CHANNELS.index("negative")]
+ATLAS_SHIFT_VOXELS = (0.5, 2.5)  # range of the registration error's spread at the structure, per axis
+ATLAS_SCALE_JITTER = 0.1
 
 
 @dataclass
@@ -184,6 +188,21 @@ def corrective_clicks(previous: np.ndarray, truth: np.ndarray, count: int) -> li
     return clicks
 
 
+def simulated_atlas_prior(sources: list[np.ndarray], reference_masks: list[np.ndarray], target_mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What registering the references onto the target gives: each reference annotation (`sources`, in
+    [0, 1] on its own patch) moved so that its structure lands near the target's (centre within a few
+    voxels, size within 10 %), averaged over the references."""
+    target_centre = np.argwhere(target_mask).mean(axis=0)
+    target_size = np.cbrt(target_mask.sum())
+    moved, spread = [], rng.uniform(*ATLAS_SHIFT_VOXELS)
+    for source, mask in zip(sources, reference_masks):
+        scale = np.cbrt(mask.sum()) / target_size * rng.uniform(1 - ATLAS_SCALE_JITTER, 1 + ATLAS_SCALE_JITTER)
+        landing = target_centre + rng.normal(0, spread, 3)
+        offset = np.argwhere(mask).mean(axis=0) - scale * landing  # output voxel x samples the source at scale * x + offset
+        moved.append(ndimage.affine_transform(source, np.full(3, scale), offset, order=1, mode="constant"))
+    return np.clip(np.mean(moved, axis=0), 0.0, 1.0).astype(np.float32)
+
+
 def with_corrections(episode: Episode, previous: np.ndarray, rng: np.random.Generator, config: EpisodeConfig) -> None:
     """Put previous masks (C,D,H,W) and 1..max_clicks corrective clicks into the target prompts, in place."""
     base = episode.base_prompts if episode.base_prompts is not None else episode.target_prompts.copy()
@@ -219,7 +238,7 @@ class EpisodeSampler:
     def sample(self, rng: np.random.Generator) -> Episode:
         """One episode; correction episodes come with a corrupted-truth previous mask already applied."""
         mode = _choose(rng, self.config.mode_weights)
-        base = mode if mode != "correction" else ("propagate" if rng.random() < 0.5 else "cross")
+        base = {"atlas": "cross", "correction": "propagate" if rng.random() < 0.5 else "cross"}.get(mode, mode)
         references = 0 if base == "propagate" else int(rng.integers(1, self.config.max_references + 1))
         for _ in range(DRAW_ATTEMPTS):
             subjects = self.draw_subjects(rng, references)
@@ -233,6 +252,12 @@ class EpisodeSampler:
         else:
             raise RuntimeError(f"no structure of {MIN_CLASS_VOXELS}+ voxels in {DRAW_ATTEMPTS} patches (last: {subjects.ids[0]})")
         episode = self._build(subjects, classes, base, rng)
+        if mode == "atlas" and base == "cross":
+            episode.mode = mode
+            for index, group in enumerate(classes):
+                sources = [foreground_prior(episode.ref_prompts[index, slot]) for slot in range(len(episode.references))]
+                reference_masks = [np.isin(subjects.labels[subject], group) for subject in episode.references]
+                episode.target_prompts[index, MASK_CHANNEL] = simulated_atlas_prior(sources, reference_masks, episode.masks[index], rng)
         if mode == "correction":
             episode.mode = mode
             with_corrections(episode, np.stack([corrupt_mask(m, rng) for m in episode.masks]), rng, self.config)
