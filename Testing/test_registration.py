@@ -84,6 +84,15 @@ def test_a_blank_image_falls_back_to_aligned_grid_centres():
     np.testing.assert_allclose(transform.TransformPoint((9.5, 9.5, 9.5)), (14.5, 9.5, 9.5), atol=1e-6)
 
 
+def test_only_the_prior_bounding_box_is_kept_and_it_resamples_like_the_whole_prior():
+    image, organ = anatomy((20, 22, 24))
+    geometry = Geometry((0.8, 1.0, 1.5), (3.0, -2.0, 1.0), oblique_geometry().direction, image.shape)
+    item = AtlasItem(image, geometry, organ.astype(np.float32), "same")
+    assert item.prior.size < organ.size / 2
+    prior = atlas_prior([item], image, geometry, "same")
+    np.testing.assert_allclose(prior, organ.astype(np.float32), atol=1e-5)
+
+
 def test_shrink_factors_keep_the_coarsest_level_usable():
     assert shrink_factors((36, 50, 40)) == [2, 1]
     assert shrink_factors((300, 512, 512)) == [8, 4, 2]

@@ -9,7 +9,7 @@ information (any modality or intensity scale), in physical LPS space, with Simpl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, MutableMapping, Sequence
 
 import numpy as np
@@ -26,12 +26,29 @@ HISTOGRAM_BINS = 32
 
 @dataclass
 class AtlasItem:
-    """One reference on its working grid: the normalised image and what its annotation says (in [0, 1])."""
+    """One reference: its normalised image on `geometry` and what its annotation says there (in [0, 1]).
+
+    Only the prior's bounding box (plus one voxel of zeros) is kept, on `prior_geometry`: a task holds
+    its references as long as it lives, and a few slice boxes cover a small part of a CT.
+    """
 
     image: np.ndarray
     geometry: Geometry
     prior: np.ndarray
     key: str  # content digest of the reference volume
+    prior_geometry: Geometry = field(init=False)
+
+    def __post_init__(self) -> None:
+        prior = np.asarray(self.prior, dtype=np.float32)
+        occupied = np.argwhere(prior > 0)
+        if len(occupied):
+            lo = np.maximum(occupied.min(axis=0) - 1, 0)
+            hi = np.minimum(occupied.max(axis=0) + 2, prior.shape)
+        else:
+            lo, hi = np.zeros(3, dtype=int), np.ones(3, dtype=int)
+        self.prior = prior[tuple(slice(a, b) for a, b in zip(lo, hi))].copy()
+        origin = self.geometry.ijk_to_lps(lo[::-1][None].astype(float))[0]
+        self.prior_geometry = Geometry(self.geometry.spacing, tuple(float(c) for c in origin), self.geometry.direction, self.prior.shape)
 
 
 def shrink_factors(shape_kji: Sequence[int]) -> list[int]:
@@ -103,6 +120,6 @@ def atlas_prior(items: Sequence[AtlasItem], target: np.ndarray, target_geometry:
             transform = register_affine(item.image, item.geometry, target, target_geometry)
             if transforms is not None:
                 transforms[pair] = transform
-        moved = sitk.Resample(image_on_grid(item.prior.astype(np.float32), item.geometry), reference_grid, transform, sitk.sitkLinear, 0.0)
+        moved = sitk.Resample(image_on_grid(item.prior, item.prior_geometry), reference_grid, transform, sitk.sitkLinear, 0.0)
         total += sitk.GetArrayFromImage(moved)
     return np.clip(total / max(len(items), 1), 0.0, 1.0)
