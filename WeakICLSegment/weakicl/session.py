@@ -13,7 +13,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -71,6 +71,15 @@ class Prediction:
         """[K, J, I] uint8: class n as n+1 where its probability is highest and at least 0.5."""
         best = np.argmax(self.probabilities, axis=0)
         return np.where(self.masks.any(axis=0), best + 1, 0).astype(np.uint8)
+
+
+class Prepared(NamedTuple):
+    """A volume ready for the network: its working grid, normalised image there, and content key."""
+
+    grid: WorkingGrid
+    image: np.ndarray
+    working: Geometry
+    key: str  # volume_digest of the original volume, computed once per call
 
 
 class BoundedCache(OrderedDict):
@@ -131,21 +140,21 @@ class Segmenter:
         self._transforms = BoundedCache(TRANSFORM_CACHE_SIZE)
 
     # -- preparation -------------------------------------------------------------------------------
-    def _prepare(self, volume: Volume) -> tuple[WorkingGrid, np.ndarray, Geometry]:
+    def _prepare(self, volume: Volume) -> Prepared:
         """Normalised image on the working grid (cached: the same volume is prepared once)."""
         key = volume_digest(volume)
         if key not in self._prepared:
             grid = WorkingGrid.for_volume(volume, self.config.working_spacing_mm)
             image = grid.to_working(normalize_intensity(volume.array, volume.modality))
             working = Geometry(grid.working_spacing_ijk, volume.geometry.origin, volume.geometry.direction, grid.working_shape_kji)
-            self._prepared[key] = (grid, image, working)
+            self._prepared[key] = Prepared(grid, image, working, key)
         return self._prepared[key]
 
     @staticmethod
-    def _channels(prepared, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
+    def _channels(prepared: Prepared, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
         """Prompt channels on the working grid (`prepared` = `_prepare(volume)`) from prompts and/or a
         dense mask on the volume's grid."""
-        grid, image, working = prepared
+        grid, image, working, _ = prepared
         channels = np.zeros((len(PROMPT_CHANNELS),) + image.shape, dtype=np.float32)
         if prompts is not None:
             prompts.validate(volume.geometry, require_prompts=False)
@@ -183,8 +192,8 @@ class Segmenter:
                 prompts, mask = None, annotation
             prepared = self._prepare(volume)
             channels = self._channels(prepared, volume, prompts, mask)
-            image = prepared[1]
-            atlas.append(AtlasItem(image, prepared[2], foreground_prior(channels), volume_digest(volume)))
+            image = prepared.image
+            atlas.append(AtlasItem(image, prepared.working, foreground_prior(channels), prepared.key))
             roi = self._roi(channels.max(axis=0) > 0)
             image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
             channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
@@ -220,11 +229,10 @@ class Segmenter:
         if guided and len(task.names) > 1:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
         prepared = self._prepare(target)
-        grid, image, working = prepared
+        grid, image, working, key = prepared
         channels = self._channels(prepared, target, target_prompts, previous)
         priors = None
         if align_context and not guided and task.atlases:
-            key = volume_digest(target)
             priors = np.stack([atlas_prior(items, image, working, key, self.progress, self._transforms) for items in task.atlases])
         roi = None
         if guided:
@@ -267,8 +275,9 @@ class Segmenter:
 
         def predict(window: torch.Tensor) -> torch.Tensor:
             features = self.model.encode_image(window[:, :1])
-            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat(classes, 1, 1, 1, 1)
+            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].expand(classes, -1, -1, -1, -1)
             if priors is not None:
+                prompts = prompts.clone()
                 prompts[:, MASK_CHANNEL] = window[0, 1 + len(PROMPT_CHANNELS):]
             logits = self.model.decode(features, tokens, prompts)
             done[0] += 1

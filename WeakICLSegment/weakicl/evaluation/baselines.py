@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..preprocess import normalize_intensity
-from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
+from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
 from ..registration import AtlasItem, atlas_prior
 from ..simulation import FULL_CONNECTIVITY
 from ..volume import Geometry, Volume, volume_digest
@@ -270,9 +270,8 @@ def _normalized(volume: Volume) -> np.ndarray:
 
 
 def _annotation_prior(volume: Volume, annotation: PromptSet | np.ndarray) -> np.ndarray:
-    if isinstance(annotation, PromptSet):
-        return foreground_prior(rasterize(annotation, volume.geometry))
-    return (np.asarray(annotation) > 0.5).astype(np.float32)
+    channels = rasterize(annotation, volume.geometry) if isinstance(annotation, PromptSet) else mask_channels(annotation)
+    return foreground_prior(channels)
 
 
 BASELINES = {method.name: method for method in (BoxInterpolation, GrowCut, OtsuThreshold, AtlasRegistration)}
