@@ -238,7 +238,10 @@ class EpisodeSampler:
     def sample(self, rng: np.random.Generator) -> Episode:
         """One episode; correction episodes come with a corrupted-truth previous mask already applied."""
         mode = _choose(rng, self.config.mode_weights)
-        base = {"atlas": "cross", "correction": "propagate" if rng.random() < 0.5 else "cross"}.get(mode, mode)
+        if mode == "correction":  # drawn only here, so other modes keep the random stream they had
+            base = "propagate" if rng.random() < 0.5 else "cross"
+        else:
+            base = "cross" if mode == "atlas" else mode
         references = 0 if base == "propagate" else int(rng.integers(1, self.config.max_references + 1))
         for _ in range(DRAW_ATTEMPTS):
             subjects = self.draw_subjects(rng, references)
