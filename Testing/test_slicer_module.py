@@ -38,7 +38,7 @@ def scene():
 
 @pytest.fixture()
 def logic(scene, tiny_model):
-    return module.WeakICLSegmentLogic(scene, lambda device, progress: Segmenter(model=tiny_model, device="cpu", progress=progress))
+    return module.WeakICLSegmentLogic(scene, lambda device: Segmenter(model=tiny_model, device="cpu"))
 
 
 @pytest.fixture()

@@ -531,7 +531,7 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
     """
 
     def __init__(self, scene=None, segmenterFactory: Optional[Callable] = None) -> None:
-        """`scene` defaults to Slicer's; `segmenterFactory(device, progress)` builds the engine session
+        """`scene` defaults to Slicer's; `segmenterFactory(device)` builds the engine session
         (default: the shipped weights; tests pass a small network)."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene or slicer.mrmlScene
@@ -585,14 +585,14 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         """The engine session for a device, created once (loading weights takes a moment)."""
         if device not in self._segmenters:
             self.requirePackages()
-            self._segmenters[device] = self._segmenterFactory(device, self._relayProgress)
+            self._segmenters[device] = self._segmenterFactory(device)
         return self._segmenters[device]
 
     @staticmethod
-    def _shippedSegmenter(device: str, progress: ProgressCallback):
+    def _shippedSegmenter(device: str):
         from weakicl.session import Segmenter
 
-        return Segmenter(device=device, progress=progress)
+        return Segmenter(device=device)
 
     def _relayProgress(self, fraction: float, message: str) -> None:
         if self._progress is not None:
@@ -710,9 +710,9 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         start = time.perf_counter()
         segmenter = self.segmenter(device)
         with self._reporting(progress):
-            task = segmenter.encode_context(self.contextItems(bank), name)
+            task = segmenter.encode_context(self.contextItems(bank), name, self._relayProgress)
             target = self.engineVolume(targetVolume)
-            prediction = segmenter.segment(target, task, self.targetPrompts(targetVolume, bridge.CONTEXT_ROLES), align_context=alignContext)
+            prediction = segmenter.segment(target, task, self.targetPrompts(targetVolume, bridge.CONTEXT_ROLES), align_context=alignContext, progress=self._relayProgress)
         segmentId = segmentationNode.GetSegmentation().GenerateUniqueSegmentID(name)
         self._edit(ActiveSegment(segmentationNode.GetID(), segmentId, targetVolume.GetID(), name), name, prediction.masks[0], newSegment=True)
         return SegmentResult(segmentId, time.perf_counter() - start, segmenter.device_name)
@@ -732,8 +732,8 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         previous = bridge.read_segment(segmentationNode, active.segmentId, target.geometry)
         segmenter = self.segmenter(device)
         with self._reporting(progress):
-            task = segmenter.encode_context(self.contextItems(bank), active.taskName)
-            prediction = segmenter.segment(target, task, prompts, previous.astype(np.float32))
+            task = segmenter.encode_context(self.contextItems(bank), active.taskName, self._relayProgress)
+            prediction = segmenter.segment(target, task, prompts, previous.astype(np.float32), progress=self._relayProgress)
         self._edit(active, segment.GetName(), prediction.masks[0], newSegment=False)
         return SegmentResult(active.segmentId, time.perf_counter() - start, segmenter.device_name)
 
@@ -807,7 +807,7 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
         results = []
         report = progress or (lambda fraction, message: None)
         with self._reporting(lambda fraction, message: report(0.0, f"context: {message}")):
-            task = segmenter.encode_context(self.contextItems(bank), name)
+            task = segmenter.encode_context(self.contextItems(bank), name, self._relayProgress)
         for index, item in enumerate(items):
             def share(fraction: float, message: str, index: int = index) -> None:
                 report((index + fraction) / len(items), f"{index + 1}/{len(items)}: {message}")
@@ -831,7 +831,7 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
 
         def handle(segmenter, task, volumeNode):
             volume = bridge.volume_from_node(volumeNode)
-            prediction = segmenter.segment(volume, task, align_context=alignContext)
+            prediction = segmenter.segment(volume, task, align_context=alignContext, progress=self._relayProgress)
             segmentationNode = self.createSegmentation(volumeNode)
             bridge.write_segment(segmentationNode, prediction.masks[0], volume.geometry, name)
             destination = folder or self._fileFolder(volumeNode)
@@ -854,7 +854,7 @@ class WeakICLSegmentLogic(ScriptedLoadableModuleLogic):
 
         def handle(segmenter, task, path):
             volume = read_volume(path)
-            prediction = segmenter.segment(volume, task, align_context=alignContext)
+            prediction = segmenter.segment(volume, task, align_context=alignContext, progress=self._relayProgress)
             return write_mask(output_path(Path(path).name, name, Path(folder or Path(path).parent)), prediction.masks, volume.geometry, [name])
 
         if not paths:

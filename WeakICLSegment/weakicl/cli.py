@@ -62,7 +62,7 @@ def multi_label(items) -> bool:
     return len(label_values(items) or []) > 1
 
 
-def build_task(segmenter, items, label: str):
+def build_task(segmenter, items, label: str, progress=None):
     """One class from weak prompts; one class per label value when every context is a label image."""
     from .session import TaskEmbedding
 
@@ -74,10 +74,10 @@ def build_task(segmenter, items, label: str):
             tasks = []
             for value in values:
                 present = [(volume, annotation == value) for volume, annotation in items if np.any(annotation == value)]
-                tasks.append(segmenter.encode_context(present, f"{label}_{value}"))
+                tasks.append(segmenter.encode_context(present, f"{label}_{value}", progress))
             return TaskEmbedding.stack(tasks)
         items = [(volume, annotation > 0) for volume, annotation in items]
-    return segmenter.encode_context(items, label)
+    return segmenter.encode_context(items, label, progress)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -101,9 +101,10 @@ def run_segment(args: argparse.Namespace) -> int:
     if target_prompts is not None and args.context and multi_label(context):
         raise InputError("--prompts apply to one class: give a context with a single label value")
     started = time.perf_counter()
-    segmenter = Segmenter(args.weights, args.device, progress=progress_bar("weakicl"))
-    task = build_task(segmenter, context, args.label)
-    prediction = segmenter.segment(target, task, target_prompts=target_prompts, align_context=not args.no_align)
+    segmenter = Segmenter(args.weights, args.device)
+    progress = progress_bar("weakicl")
+    task = build_task(segmenter, context, args.label, progress)
+    prediction = segmenter.segment(target, task, target_prompts=target_prompts, align_context=not args.no_align, progress=progress)
     labels = prediction.label_map()  # overlapping classes: each voxel goes to its most probable class
     masks = labels[None] == np.arange(1, len(prediction.names) + 1)[:, None, None, None]
     write_mask(output, masks, target.geometry, prediction.names)

@@ -63,9 +63,10 @@ def run_demo(out: Path, device: str = "auto", weights=None) -> int:
     volume, truth = make_phantom()
     prompts = slice_boxes(truth, (0.25, 0.5, 0.75))
     started = time.perf_counter()
-    segmenter = Segmenter(weights, device, progress=progress_bar("demo"))
-    task = segmenter.encode_context([(volume, prompts)], "phantom")
-    prediction = segmenter.segment(volume, task, target_prompts=prompts)
+    segmenter = Segmenter(weights, device)
+    progress = progress_bar("demo")
+    task = segmenter.encode_context([(volume, prompts)], "phantom", progress)
+    prediction = segmenter.segment(volume, task, target_prompts=prompts, progress=progress)
     seconds = time.perf_counter() - started
     mask = prediction.masks[0]
     write_volume(out / "phantom_image.nii.gz", volume)

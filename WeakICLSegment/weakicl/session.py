@@ -4,7 +4,9 @@ many targets, refine with prompts.
     segmenter = Segmenter()                                   # shipped weights, GPU when there is one
     task = segmenter.encode_context([(reference, prompts)])   # weak prompts or a dense mask; cached
     prediction = segmenter.segment(target, task)              # any other volume of the study (context aligned to it)
-    prediction = segmenter.segment(target, task, target_prompts=clicks, previous=prediction.masks[0])
+    prediction = segmenter.segment(target, task, target_prompts=boxes + clicks, previous=prediction.masks[0],
+                                   new_prompts=clicks)                # a correction: only around the new clicks
+Long calls take `progress=callback(fraction, message)`; raising from it (`errors.Cancelled`) stops the work.
 """
 
 from __future__ import annotations
@@ -117,11 +119,11 @@ def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
 class Segmenter:
     """Holds the network on a device and caches prepared images and encoded contexts.
 
-    `progress(fraction, message)` is called during long work; raising from it (e.g. `errors.Cancelled`)
+    Long calls take a per-call `progress(fraction, message)`; raising from it (e.g. `errors.Cancelled`)
     stops the computation and nothing is returned.
     """
 
-    def __init__(self, weights=None, device: str = "auto", model=None, progress: ProgressCallback | None = None) -> None:
+    def __init__(self, weights=None, device: str = "auto", model=None) -> None:
         import torch
 
         from .weights import load_weights
@@ -133,7 +135,6 @@ class Segmenter:
             model, self.card = model.to(self.device).eval(), {}
         self.model = model
         self.config = model.config
-        self.progress = progress or (lambda fraction, message: None)
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "CPU"
         self._prepared = BoundedCache(PREPARED_CACHE_SIZE)
         self._tasks = BoundedCache(TASK_CACHE_SIZE)
@@ -169,10 +170,12 @@ class Segmenter:
         return channels
 
     # -- context -----------------------------------------------------------------------------------
-    def encode_context(self, items: Sequence[ContextItem], name: str = "segment") -> TaskEmbedding:
+    def encode_context(self, items: Sequence[ContextItem], name: str = "segment",
+                       progress: ProgressCallback | None = None) -> TaskEmbedding:
         """Encode references (image + weak prompts or dense mask) into one task embedding, cached."""
         import torch
 
+        progress = progress or _silent
         if not items:
             raise InputError("empty context: give at least one reference image with prompts or a mask")
         key = self._context_key(items, name)
@@ -180,7 +183,7 @@ class Segmenter:
             return self._tasks[key]
         tokens, atlas = [], []
         for number, (volume, annotation) in enumerate(items, 1):
-            self.progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
+            progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
             if isinstance(annotation, PromptSet):
                 annotation.validate(volume.geometry)
                 if not annotation.boxes and not any(p.positive for p in annotation.points):
@@ -200,7 +203,7 @@ class Segmenter:
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
-        self.progress(1.0, "context encoded")
+        progress(1.0, "context encoded")
         task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas])
         self._tasks[key] = task
         return task
@@ -218,32 +221,44 @@ class Segmenter:
 
     # -- targets -----------------------------------------------------------------------------------
     def segment(self, target: Volume, task: TaskEmbedding, target_prompts: PromptSet | None = None,
-                previous: np.ndarray | None = None, align_context: bool = True) -> Prediction:
+                previous: np.ndarray | None = None, new_prompts: PromptSet | None = None,
+                align_context: bool = True, progress: ProgressCallback | None = None) -> Prediction:
         """Segment every class of `task` in `target`.
 
-        With target prompts or a previous mask, only a region around them is recomputed (propagation
-        and correction); without, the whole volume is covered by overlapping windows and, unless
-        `align_context` is False, each class starts from its context registered to the target.
+        `target_prompts` are all prompts on the target (boxes stay as guidance for every later call);
+        with a `previous` mask, `new_prompts` (a subset of them, e.g. the click just placed) marks a
+        correction: only the neighbourhood of the new prompts is recomputed and the rest of `previous`
+        stands. Otherwise, with target prompts or a previous mask, a region around all of them is
+        recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
+        unless `align_context` is False, each class starts from its context registered to the target.
         """
+        progress = progress or _silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
         if guided and len(task.names) > 1:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
+        if new_prompts is not None and previous is None:
+            raise InputError("new prompts mark a correction: give the previous mask as well")
         prepared = self._prepare(target)
         grid, image, working, key = prepared
-        channels = self._channels(prepared, target, target_prompts, previous)
+        all_prompts = target_prompts
+        if new_prompts is not None:
+            all_prompts = new_prompts if target_prompts is None else target_prompts
+        channels = self._channels(prepared, target, all_prompts, previous)
         priors = None
         if align_context and not guided and task.atlases:
-            priors = np.stack([atlas_prior(items, image, working, key, self.progress, self._transforms) for items in task.atlases])
+            priors = np.stack([atlas_prior(items, image, working, key, progress, self._transforms) for items in task.atlases])
         roi = None
-        if guided:
-            # around the prompts when there are any (a correction touches only their neighbourhood), else the previous mask
+        if new_prompts is not None and not new_prompts.is_empty():
+            roi = self._roi(self._channels(prepared, target, new_prompts, None)[:MASK_CHANNEL].max(axis=0) > 0)
+        elif guided:
+            # around the prompts when there are any, else the previous mask
             drawn = channels[:MASK_CHANNEL].max(axis=0) > 0
             roi = self._roi(drawn if drawn.any() else channels[MASK_CHANNEL] > 0)
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         if previous is not None:
             probabilities[0] = channels[MASK_CHANNEL]
-        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task,
+        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task, progress,
                                                                    None if priors is None else priors[(slice(None),) + roi])
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n)) for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
@@ -256,7 +271,8 @@ class Segmenter:
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
         return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
 
-    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding, priors: np.ndarray | None = None) -> np.ndarray:
+    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding, progress: ProgressCallback,
+                        priors: np.ndarray | None = None) -> np.ndarray:
         """Class probabilities over `image`; prompt `channels` (5, ...) are shared by the classes, `priors`
         (N, ...) replace the mask channel of each class."""
         import torch
@@ -281,7 +297,7 @@ class Segmenter:
                 prompts[:, MASK_CHANNEL] = window[0, 1 + len(PROMPT_CHANNELS):]
             logits = self.model.decode(features, tokens, prompts)
             done[0] += 1
-            self.progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
+            progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
             return logits.transpose(0, 1)
 
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
@@ -293,6 +309,10 @@ class Segmenter:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+
+def _silent(fraction: float, message: str) -> None:
+    """The progress callback of calls that were given none."""
 
 
 def _window_count(size: int, window: int) -> int:
