@@ -65,3 +65,33 @@ def require_shared_data() -> Path:
     if not (SHARED_DATA / "manifest.json").is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def weakicl_log():
+    """Messages of the "weakicl" logger during a test (caplog misses them once `weakicl.cli.main` has
+    configured that logger not to propagate)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("weakicl")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def application_scene(crosshair: bool = False):
+    """An MRML scene with the singletons Slicer's application adds (selection and interaction nodes,
+    and the crosshair that slice views place through), so module code sees what it sees in Slicer."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    for class_name in ("vtkMRMLSelectionNode", "vtkMRMLInteractionNode"):
+        node = scene.CreateNodeByClass(class_name)
+        node.SetSingletonTag("Singleton")
+        scene.AddNode(node)
+    if crosshair:
+        scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    return scene

@@ -42,10 +42,57 @@ def test_propagation_writes_a_named_segmentation_on_the_input_grid(case, capsys)
 
 
 def test_cross_subject_context_with_prompts_and_with_a_label_image(case):
-    for annotation, name in ((case["prompts"], "weak.nii.gz"), (case["label"], "dense.nrrd")):
+    for annotation, name, value in ((case["prompts"], "weak.nii.gz", 1), (case["label"], "dense.nrrd", 3)):
         output = case["dir"] / name
         assert run(case, "--context", case["image"], annotation, "--output", str(output)) == 0
-        assert read_label_map(output, case["geometry"]).max() <= 1
+        assert set(np.unique(read_label_map(output, case["geometry"]))) <= {0, value}  # the label image's value is kept
+
+
+def two_value_label(case, values, name="two.nrrd"):
+    """The case's structure split in two halves along k, labelled with `values`."""
+    truth = read_label_map(case["label"]) > 0
+    labels = np.zeros(truth.shape, np.uint16)
+    labels[:6][truth[:6]], labels[6:][truth[6:]] = values
+    return write_volume(case["dir"] / name, Volume(labels, case["geometry"]))
+
+
+def test_label_values_of_a_dense_context_are_kept(case):
+    """Defect 4: values 5 and 29 came out as 1 and 2."""
+    path = two_value_label(case, (5, 29))
+    output = case["dir"] / "multi.nii.gz"
+    assert run(case, "--context", case["image"], str(path), "--no-align", "--output", str(output)) == 0
+    assert set(np.unique(read_label_map(output))) <= {0, 5, 29} and read_label_map(output).max() > 0
+    wide = two_value_label(case, (7, 300), "wide.nrrd")
+    output = case["dir"] / "wide_out.nrrd"
+    assert run(case, "--context", case["image"], str(wide), "--output", str(output)) == 0
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(output))
+    assert image.GetPixelID() == sitk.sitkUInt16 and set(np.unique(sitk.GetArrayFromImage(image))) <= {0, 7, 300}
+
+
+def test_label_value_picks_one_class_and_allows_prompts(case, capsys):
+    path = two_value_label(case, (5, 29))
+    output = case["dir"] / "one.nii.gz"
+    assert run(case, "--context", case["image"], str(path), "--label-value", "29", "--prompts", case["prompts"],
+               "--output", str(output)) == 0
+    assert set(np.unique(read_label_map(output))) <= {0, 29}
+    assert run(case, "--context", case["image"], str(path), "--label-value", "4", "--output", str(case["dir"] / "x.nii.gz")) == 2
+    assert "label value 4 is not in the context" in capsys.readouterr().err
+
+
+def test_segment_names_of_a_seg_nrrd_context_are_kept(case):
+    import SimpleITK as sitk
+
+    from weakicl.volume import write_mask
+
+    truth = read_label_map(case["label"]) > 0
+    halves = np.stack([truth & (np.arange(12) < 6)[:, None, None], truth & (np.arange(12) >= 6)[:, None, None]])
+    context = write_mask(case["dir"] / "context.seg.nrrd", halves, case["geometry"], ["head", "tail"], values=[5, 29])
+    output = case["dir"] / "named.seg.nrrd"
+    assert run(case, "--context", case["image"], str(context), "--output", str(output)) == 0
+    image = sitk.ReadImage(str(output))
+    assert {image.GetMetaData(f"Segment{n}_Name") for n in range(2)} == {"head", "tail"}
 
 
 def test_context_is_registered_onto_the_target_unless_no_align(case):
@@ -72,6 +119,20 @@ def test_multi_label_context_segments_every_label_in_one_pass(case):
     assert image.GetMetaData("Segment1_Name") == "segment_2"
 
 
+def test_few_nan_voxels_are_replaced_with_a_warning_and_a_box_past_the_edge_is_clipped(case, capsys):
+    """Defects 5 and 8: NaN voxels went in unnoticed; a box 3 voxels past the edge was refused."""
+    image = read_volume(case["image"])
+    image.array[0, 0, :5] = np.nan  # 5 of 5760 voxels
+    path = write_volume(case["dir"] / "nan.nrrd", image)
+    (case["dir"] / "edge.json").write_text("\ufeff" + json.dumps({"boxes": [{"min": [4, 6, 5], "max": [22, 16, 5]}]}), encoding="utf-8")
+    output = case["dir"] / "o.nii.gz"
+    code = main(["segment", str(path), "--prompts", str(case["dir"] / "edge.json"), "--output", str(output), "--device", "cpu",
+                 "--weights", case["weights"]])
+    assert code == 0 and output.is_file()
+    messages = capsys.readouterr().err
+    assert "5 NaN or infinite voxels" in messages and "clipped" in messages
+
+
 BAD_INPUTS = [
     (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "o.png")], "must end with"),
     (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "missing" / "o.nii.gz")], "folder does not exist"),
@@ -87,6 +148,17 @@ BAD_INPUTS = [
     (lambda c: ["--prompts", c["prompts"], "--output", str(c["dir"] / "o.nii.gz"), "--weights", str(c["dir"] / "no.safetensors")], "weights not found"),
     (lambda c: ["--prompts", c["prompts"], "--output", c["bad"]["existing"]], "exists"),
     (lambda c: ["--context", c["image"], c["bad"]["two_labels"], "--prompts", c["prompts"], "--output", str(c["dir"] / "o.nii.gz")], "one class"),
+    # defect 8: output = target with --overwrite replaced the input image; an input as output is refused before any work
+    (lambda c: ["--prompts", c["prompts"], "--output", c["image"], "--overwrite"], "is the target image"),
+    (lambda c: ["--context", c["image"], c["label"], "--output", c["label"], "--overwrite"], "is the context annotation"),
+    (lambda c: ["--prompts", c["prompts"], "--output", c["bad"]["folder_output"]], "is a folder"),  # defect 7
+    (lambda c: ["--prompts", c["bad"]["markups_object"], "--output", str(c["dir"] / "o.nii.gz")], "must be a list"),  # defect 7
+    (lambda c: ["--prompts", str(c["dir"]), "--output", str(c["dir"] / "o.nii.gz")], "is a folder"),  # defect 8
+    (lambda c: ["--prompts", c["bad"]["zero_box"], "--output", str(c["dir"] / "o.nii.gz")], "less than one voxel"),  # defect 5
+    (lambda c: ["--prompts", c["bad"]["negative_roi"], "--output", str(c["dir"] / "o.nii.gz")], "non-negative"),  # defect 5
+    (lambda c: ["--prompts", c["bad"]["far_box"], "--output", str(c["dir"] / "o.nii.gz")], "outside the image"),
+    (lambda c: ["--context", c["bad"]["nan_image"], c["label"], "--output", str(c["dir"] / "o.nii.gz")], "NaN or infinite"),  # defect 5
+    (lambda c: ["--context", c["image"], c["prompts"], "--label-value", "3", "--output", str(c["dir"] / "o.nii.gz")], "label images"),
 ]
 
 
@@ -111,6 +183,20 @@ def bad_files(case):
     two = np.zeros(geometry.shape_kji, np.uint8)
     two[2:4, 5:9, 5:9], two[7:9, 5:9, 5:9] = 1, 2
     bad["two_labels"] = str(write_volume(folder / "two_labels.nrrd", Volume(two, geometry)))
+    documents = {
+        "markups_object": {"markups": {"type": "ROI", "center": [5, 5, 5], "size": [4, 4, 0]}},
+        "zero_box": {"boxes": [{"min": [5, 5, 5], "max": [5, 5.5, 9]}]},
+        "negative_roi": {"markups": [{"type": "ROI", "coordinateSystem": "LPS", "center": [8, 12, 10], "size": [-6, 4, 2]}]},
+        "far_box": {"boxes": [{"min": [30, 0, 0], "max": [40, 5, 5]}]},
+    }
+    for name, document in documents.items():
+        (folder / f"{name}.json").write_text(json.dumps(document))
+        bad[name] = str(folder / f"{name}.json")
+    (folder / "out.nii.gz").mkdir()
+    bad["folder_output"] = str(folder / "out.nii.gz")
+    slab = (100.0 * (read_label_map(case["label"]) > 0)).astype(np.float32)
+    slab[:3] = np.nan  # 3 of 12 slices: the NaN slab of defect 5
+    bad["nan_image"] = str(write_volume(folder / "nan_slab.nrrd", Volume(slab, geometry)))
     (folder / "existing.nii.gz").write_bytes(b"keep me")
     bad["existing"] = str(folder / "existing.nii.gz")
     case["bad"] = bad

@@ -90,6 +90,38 @@ def test_three_boxes_are_tight_on_the_slices_at_a_quarter_half_and_three_quarter
         assert (box.lo_ijk[0], box.hi_ijk[0]) == (columns.min(), columns.max())
 
 
+def test_jittered_boxes_are_loose_or_tight_by_a_few_voxels_on_the_same_slices():
+    truth = ellipsoid((40, 40, 40), (20, 18, 22), (12, 8, 10))
+    tight = target_prompts(truth, Settings("propagate"), np.random.default_rng(0)).boxes
+    settings = Settings("propagate", jitter=0.15)
+    jittered = target_prompts(truth, settings, np.random.default_rng(0)).boxes
+    assert "jitter 0.15" in settings.label and "jitter" not in Settings("propagate").label
+    moved = []
+    for exact, drawn in zip(tight, jittered):
+        assert drawn.lo_ijk[2] == drawn.hi_ijk[2] == exact.lo_ijk[2]  # still on the annotated slice
+        size = np.array(exact.hi_ijk[:2]) - np.array(exact.lo_ijk[:2]) + 1
+        shift = np.abs(np.array(drawn.lo_ijk[:2] + drawn.hi_ijk[:2]) - np.array(exact.lo_ijk[:2] + exact.hi_ijk[:2]))
+        assert np.all(shift <= 0.15 * np.concatenate([size, size]) + 1e-9)
+        moved.append(shift.max())
+    assert max(moved) >= 1.0  # a few voxels off, as hands draw
+
+
+def test_context_subjects_come_from_the_same_or_from_another_collection():
+    from weakicl.evaluation.manifest import Case, Structure
+    from weakicl.evaluation.protocols import context_subjects
+
+    def structure(case_id: str, collection: str, name: str = "spleen") -> Structure:
+        case = Case(case_id, collection, "CT" if collection == "ct" else "MR", Path("i"), Path("l"), ((1, name),))
+        return Structure(case, 1, name, "unseen")
+
+    target = structure("ct1", "ct")
+    pool = [target, structure("ct2", "ct"), structure("mr1", "mr"), structure("mr2", "mr"), structure("mr3", "mr", "liver")]
+    assert [s.case.id for s in context_subjects(target, pool, Settings("cross-weak", k=3))] == ["ct2"]
+    other = Settings("cross-weak", k=2, context_collection="other")
+    assert sorted(s.case.id for s in context_subjects(target, pool, other)) == ["mr1", "mr2"]
+    assert other.label == "cross-weak (k=2, other collection)"
+
+
 def test_point_prompts_lie_inside_the_structure_on_the_same_slices_and_are_reproducible():
     truth = ellipsoid((40, 40, 40), (20, 18, 22), (12, 8, 10))
     settings = Settings("propagate", prompt_kind="points")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import oblique_geometry
 from weakicl.errors import InputError
-from weakicl.prompts import Box, Point, PromptSet, box_hull, rasterize, read_prompts
+from weakicl.prompts import Box, Point, PromptSet, box_hull, clip_box, rasterize, read_prompts
 from weakicl.simulation import corrective_click, slice_boxes
 from weakicl.volume import Geometry
 
@@ -71,7 +71,15 @@ def test_voxel_json(tmp_path):
 
 
 @pytest.mark.parametrize("document, message", [
-    ({"boxes": [{"min": [0, 0, 0], "max": [40, 2, 2]}]}, "outside the image"),
+    ({"boxes": [{"min": [20, 0, 0], "max": [40, 2, 2]}]}, "outside the image"),
+    ({"boxes": [{"min": [2, 2, 2], "max": [2, 2.5, 6]}]}, "less than one voxel along 2 axes"),
+    ({"boxes": [{"min": [2, 2, 2], "max": [2, 2, 2]}]}, "less than one voxel along 3 axes"),
+    ({"boxes": [{"min": [2, 2, 2], "max": [float("nan"), 5, 5]}]}, "not a finite number"),
+    ({"points": [{"ijk": [float("inf"), 1, 1]}]}, "outside the image"),
+    ({"markups": {"type": "ROI"}}, "must be a list"),
+    ({"markups": ["ROI"]}, "must be a list"),
+    ({"markups": [{"type": "ROI", "center": [5, 5, 5], "size": [4, -2, 0]}]}, "non-negative"),
+    ({"markups": [{"type": "Fiducial", "coordinateSystem": 5, "controlPoints": []}]}, "malformed"),
     ({"boxes": [{"min": [5, 5, 5], "max": [2, 6, 6]}]}, "inverted"),
     ({"points": [{"ijk": [-3, 0, 0]}]}, "outside the image"),
     ({"boxes": [], "points": []}, "no prompts"),
@@ -84,6 +92,32 @@ def test_voxel_json(tmp_path):
 def test_bad_prompt_files(tmp_path, document, message):
     with pytest.raises(InputError, match=message):
         read_prompts(write_json(tmp_path / "bad.json", document), Geometry.identity((10, 10, 10)))
+
+
+def test_slice_box_thin_along_one_axis_is_accepted():
+    box = Box((2, 2, 4), (7, 6, 4))
+    assert PromptSet([box]).validate(Geometry.identity((10, 10, 10))).boxes == [box]
+
+
+def test_box_past_the_edge_is_clipped_with_a_warning(weakicl_log):
+    """Defect 8: Slicer users drag boxes past the edge; a box 3 voxels past it was refused."""
+    geometry = Geometry.identity((10, 10, 10))
+    prompts = PromptSet([Box((-3, 2, 4), (12, 6, 4)), Box((0, 0, 0), (9, 9, 9.4))]).validate(geometry)
+    assert prompts.boxes == [Box((0, 2, 4), (9, 6, 4)), Box((0, 0, 0), (9, 9, 9))]
+    assert weakicl_log == ["box 1 reaches past the image edge; clipped to IJK (0.0, 2.0, 4.0)-(9.0, 6.0, 4.0)"]
+    assert clip_box(Box((11, 0, 0), (12, 3, 3)), geometry) is None
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    """Defect 8: files saved by Windows editors start with a byte-order mark."""
+    (tmp_path / "v.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"points": [{"ijk": [1, 2, 3]}]}).encode())
+    assert read_prompts(tmp_path / "v.json", Geometry.identity((10, 10, 10))).points == [Point((1, 2, 3))]
+
+
+def test_folder_as_prompt_file_says_so(tmp_path):
+    """Defect 8: a folder gave "not found"."""
+    with pytest.raises(InputError, match="is a folder"):
+        read_prompts(tmp_path, Geometry.identity((10, 10, 10)))
 
 
 def test_prompt_file_that_is_not_json(tmp_path):

@@ -64,15 +64,16 @@ def test_stacked_classes_match_single_class_passes(segmenter, phantom):
 
 
 def test_correction_recomputes_only_a_region_and_keeps_the_rest(segmenter):
-    geometry = Geometry.identity((40, 40, 40))
+    geometry = Geometry.identity((72, 72, 72))
     truth = ellipsoid(geometry.shape_kji, (8, 8, 8), (4, 4, 4))
     volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
     task = segmenter.encode_context([(volume, truth)])
     previous = np.zeros(geometry.shape_kji, dtype=np.float32)
-    previous[30:34, 30:34, 30:34] = 1.0  # an accepted region far from the click
-    prediction = segmenter.segment(volume, task, target_prompts=PromptSet(points=[Point((8, 8, 8))]), previous=previous)
+    previous[60:64, 60:64, 60:64] = 1.0  # an accepted region far from the click
+    click = PromptSet(points=[Point((8, 8, 8))])
+    prediction = segmenter.segment(volume, task, target_prompts=click, previous=previous, new_prompts=click)
     changed = prediction.changed_kji
-    assert all(s.stop - s.start < 40 for s in changed)
+    assert all(s.stop - s.start < 60 for s in changed)
     outside = np.ones(geometry.shape_kji, bool)
     outside[changed] = False
     np.testing.assert_array_equal(prediction.probabilities[0][outside], previous[outside])
@@ -95,13 +96,26 @@ def test_bad_session_inputs(segmenter, phantom):
         segmenter.segment(volume, task, target_prompts=slice_boxes(truth))
 
 
-def test_device_choice(tiny_model):
+def test_device_choice(tiny_model, weakicl_log):
+    import logging
+
     import torch
 
-    assert Segmenter(model=tiny_model, device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="CUDA"):
-            Segmenter(model=tiny_model, device="cuda")
+    from weakicl.devices import mps_available
+
+    expected = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    logger = logging.getLogger("weakicl")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert Segmenter(model=tiny_model, device="auto").device == expected
+    finally:
+        logger.setLevel(level)
+    assert weakicl_log[-1].startswith("running on ")  # the device is named once the session is ready
+    if not torch.cuda.is_available():  # a missing GPU falls back to the CPU with a warning
+        assert Segmenter(model=tiny_model, device="cuda").device == "cpu"
+    with pytest.raises(InputError, match="device must be"):
+        Segmenter(model=tiny_model, device="tpu")
 
 
 def test_prepared_images_are_keyed_by_content_not_by_array_identity(segmenter, phantom):
@@ -155,3 +169,32 @@ def test_stacking_keeps_each_class_atlas(segmenter, phantom):
     assert [len(items) for items in stacked.atlases] == [1, 1]
     assert stacked.atlases[1][0] is tasks[1].atlases[0][0]
     assert TaskEmbedding.stack([tasks[0], TaskEmbedding(tasks[1].tokens, ["tokens only"])]).atlases == []
+
+
+def test_whole_volume_windows_cover_only_where_the_aligned_context_points(segmenter):
+    geometry = Geometry.identity((32, 64, 64))
+    truth = ellipsoid(geometry.shape_kji, (16, 14, 14), (5, 5, 5))
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)])
+    aligned = segmenter.segment(volume, task)
+    covered = aligned.changed_kji
+    assert covered[2].stop < 64 and covered[1].stop < 64  # the far corner is never searched
+    outside = np.ones(geometry.shape_kji, bool)
+    outside[covered] = False
+    assert not aligned.masks[0][outside].any()
+    plain = segmenter.segment(volume, task, align_context=False)
+    assert plain.changed_kji == tuple(slice(0, n) for n in geometry.shape_kji)
+
+
+def test_windows_in_batches_give_the_windows_one_at_a_time(segmenter, phantom):
+    volume, truth = phantom
+    tasks = [segmenter.encode_context([(volume, truth)], "a"), segmenter.encode_context([(volume, slice_boxes(truth))], "b")]
+    task = TaskEmbedding.stack(tasks)
+    segmenter.window_batch = 1
+    single = segmenter.segment(volume, task).probabilities
+    segmenter.window_batch = 4  # the GPU's batching logic, run on the CPU
+    try:
+        batched = segmenter.segment(volume, task).probabilities
+    finally:
+        segmenter.window_batch = 0
+    np.testing.assert_allclose(batched, single, atol=1e-5)

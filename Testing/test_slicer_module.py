@@ -12,14 +12,16 @@ pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "WeakICLSegment"))
 
-from conftest import ellipsoid, oblique_geometry  # noqa: E402
+from conftest import application_scene, ellipsoid, oblique_geometry  # noqa: E402
 from weakicl.errors import InputError  # noqa: E402
 from weakicl.prompts import Box  # noqa: E402
 from weakicl.session import Segmenter  # noqa: E402
 from weakicl.simulation import slice_boxes  # noqa: E402
 from weakicl.volume import Volume, read_label_map, write_mask  # noqa: E402
 from WeakICLSegmentLib import mrml_bridge as bridge  # noqa: E402
-from WeakICLSegmentLib.batch import image_files, image_stem, output_path  # noqa: E402
+from WeakICLSegmentLib import synthetic_study  # noqa: E402
+from WeakICLSegmentLib.batch import image_files, output_path  # noqa: E402
+from weakicl.batch import image_stem  # noqa: E402
 
 import WeakICLSegment as module  # noqa: E402
 
@@ -28,12 +30,7 @@ Role = bridge.PromptRole
 
 @pytest.fixture()
 def scene():
-    scene = slicer.vtkMRMLScene()
-    for class_name in ("vtkMRMLSelectionNode", "vtkMRMLInteractionNode"):  # the application adds these singletons
-        node = scene.CreateNodeByClass(class_name)
-        node.SetSingletonTag("Singleton")
-        scene.AddNode(node)
-    return scene
+    return application_scene()
 
 
 @pytest.fixture()
@@ -144,7 +141,9 @@ def test_bank_entry_becomes_dense_context(logic, study):
     assert logic.describeBankEntry(entry) == "liver on CT"
     items = logic.contextItems([entry])
     assert len(items) == 2 and items[1][1].shape == geometry.shape_kji
-    segmentation.GetSegmentation().RemoveAllSegments()
+    segmentation.GetSegmentation().RemoveAllSegments()  # the original goes: the bank keeps its snapshot
+    np.testing.assert_array_equal(logic.contextItems([entry])[1][1], items[1][1])
+    entry[1].GetSegmentation().RemoveAllSegments()
     with pytest.raises(InputError, match="clear the bank"):
         logic.contextItems([entry])
 
@@ -152,9 +151,9 @@ def test_bank_entry_becomes_dense_context(logic, study):
 def test_batch_over_scene_volumes_adds_one_segmentation_each_and_saves_them(logic, scene, study, tmp_path):
     volume_node, _, _ = study
     others = [bridge.volume_node_from_volume(scene, bridge.volume_from_node(volume_node), f"follow-up {i}") for i in (1, 2)]
-    assert logic.otherVolumes(volume_node) == others
+    assert logic.otherVolumes(volume_node) == (others, [])
     reports = []
-    nodes = logic.batchVolumes(others, "liver", folder=tmp_path, progress=lambda f, m: reports.append(f))
+    nodes = logic.batchVolumes(others, "liver", folder=tmp_path, progress=lambda f, m: reports.append(f)).segmentationNodes
     assert [segment_names(node) for node in nodes] == [["liver"], ["liver"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["follow-up 1 liver.seg.nrrd", "follow-up 2 liver.seg.nrrd"]
     assert reports == sorted(reports) and reports[-1] <= 1.0
@@ -165,7 +164,7 @@ def test_batch_starts_each_volume_from_the_context_registered_onto_it_unless_tol
     follow_up = bridge.volume_node_from_volume(scene, bridge.volume_from_node(volume_node), "follow-up")
     masks = []
     for align in (True, False):
-        (node,) = logic.batchVolumes([follow_up], "liver", alignContext=align)
+        (node,) = logic.batchVolumes([follow_up], "liver", alignContext=align).segmentationNodes
         masks.append(bridge.read_segment(node, node.GetSegmentation().GetNthSegmentID(0), geometry))
     aligned, plain = masks
     assert not np.array_equal(aligned, plain)
@@ -205,5 +204,5 @@ def test_self_test_scenario_reaches_its_dice_with_the_shipped_weights():
     if not default_weights_path().is_file():
         pytest.skip("no shipped weights in model_weights/")
     dice, result = module.segmentEllipsoid(module.WeakICLSegmentLogic(slicer.vtkMRMLScene()), device="cpu")
-    assert dice >= module.DICE_THRESHOLD, f"Dice {dice:.3f} in {result.seconds:.1f} s"
+    assert dice >= synthetic_study.DICE_THRESHOLD, f"Dice {dice:.3f} in {result.seconds:.1f} s"
 

@@ -17,6 +17,7 @@ from weakicl.errors import InputError  # noqa: E402
 from weakicl.prompts import Box  # noqa: E402
 from weakicl.volume import Geometry, Volume  # noqa: E402
 from WeakICLSegmentLib import mrml_bridge as bridge  # noqa: E402
+from WeakICLSegmentLib import history  # noqa: E402
 from WeakICLSegmentLib.history import EditHistory, PackedMask  # noqa: E402
 
 GEOMETRIES = {
@@ -122,8 +123,8 @@ def test_axis_aligned_roi_on_an_oblique_volume_gives_the_ijk_bounds_of_its_corne
     roi = bridge.create_prompt_node(scene, bridge.PromptRole.CONTEXT_BOX, node)
     centre = geometry.ijk_to_ras([[9, 10, 6]])[0]
     roi.SetCenter(*centre)
-    roi.SetSize(6.0, 4.0, 2.0)
-    corners = centre + np.array([[x, y, z] for x in (-3, 3) for y in (-2, 2) for z in (-1, 1)], dtype=float)
+    roi.SetSize(6.0, 4.0, 9.0)  # no side thin, none padded the way two clicks pad: a 3D box
+    corners = centre + np.array([[x, y, z] for x in (-3, 3) for y in (-2, 2) for z in (-4.5, 4.5)], dtype=float)
     ras_to_ijk = np.linalg.inv(node_ijk_to_ras(node))
     expected = (np.c_[corners, np.ones(8)] @ ras_to_ijk.T)[:, :3]
     box = bridge.box_from_roi(roi, geometry)
@@ -136,11 +137,11 @@ def test_roi_under_a_transform_and_past_the_edge_is_moved_and_clipped(scene):
     node = add_volume(scene, geometry)
     roi = bridge.create_prompt_node(scene, bridge.PromptRole.CONTEXT_BOX, node)
     roi.SetCenter(-2.0, -3.0, 4.0)  # IJK (2, 3, 4) before the transform
-    roi.SetSize(2.0, 2.0, 2.0)
+    roi.SetSize(2.0, 3.0, 4.0)
     roi.SetAndObserveTransformNodeID(translation(scene, (-8.0, 0.0, 0.0)).GetID())  # IJK i + 8 -> 9..11, clipped to 11
     box = bridge.box_from_roi(roi, geometry)
-    np.testing.assert_allclose(box.lo_ijk, (9, 2, 3), atol=1e-6)
-    np.testing.assert_allclose(box.hi_ijk, (11, 4, 5), atol=1e-6)
+    np.testing.assert_allclose(box.lo_ijk, (9, 1.5, 2), atol=1e-6)
+    np.testing.assert_allclose(box.hi_ijk, (11, 4.5, 6), atol=1e-6)
     roi.SetCenter(100.0, 100.0, 100.0)
     with pytest.raises(InputError, match="outside"):
         bridge.box_from_roi(roi, geometry)
@@ -206,11 +207,11 @@ def test_markups_are_restored_as_captured(scene):
     bridge.set_roi_box(roi, Box((1, 2, 3), (8, 9, 3)), geometry)
     points = bridge.create_prompt_node(scene, bridge.PromptRole.CORRECTION_POSITIVE, node)
     points.AddControlPoint(1.0, 2.0, 3.0)
-    states = [bridge.capture_markup(roi), bridge.capture_markup(points)]
+    states = [history.capture_markup(roi), history.capture_markup(points)]
     roi.RemoveAllControlPoints()
     points.AddControlPoint(4.0, 5.0, 6.0)
     for state in states:
-        bridge.restore_markup(scene, state)
+        history.restore_markup(scene, state)
     np.testing.assert_allclose(bridge.box_from_roi(roi, geometry).hi_ijk, (8, 9, 3), atol=1e-4)
     np.testing.assert_allclose(bridge.defined_positions(points), [[1.0, 2.0, 3.0]])
 
@@ -274,24 +275,24 @@ def test_segment_under_a_transformed_segmentation_stays_in_place_in_the_world(sc
 
 def test_undo_restores_the_previous_segment_and_redo_the_next(scene, segmentation):
     geometry = GEOMETRIES["oblique-anisotropic"]
-    history = EditHistory()
+    steps = EditHistory()
     segment_id = segmentation.GetSegmentation().GenerateUniqueSegmentID("liver")
-    before_first = bridge.capture_segment_state(segmentation, segment_id, "liver", geometry, [])
+    before_first = history.capture_segment_state(segmentation, segment_id, "liver", geometry, [])
     first = ellipsoid(geometry.shape_kji, (6, 10, 9), (4, 6, 5))
     bridge.write_segment(segmentation, first, geometry, "liver", segment_id)
-    history.record(before_first)
-    before_second = bridge.capture_segment_state(segmentation, segment_id, "liver", geometry, [])
+    steps.record(before_first)
+    before_second = history.capture_segment_state(segmentation, segment_id, "liver", geometry, [])
     bridge.write_segment(segmentation, ellipsoid(geometry.shape_kji, (6, 10, 9), (2, 3, 3)), geometry, "liver", segment_id)
-    history.record(before_second)
+    steps.record(before_second)
 
     def capture(state):
-        return bridge.capture_segment_state(segmentation, state.segment_id, state.name, geometry, [])
+        return history.capture_segment_state(segmentation, state.segment_id, state.name, geometry, [])
 
-    bridge.restore_segment_state(scene, history.undo(capture))
+    history.restore_segment_state(scene, steps.undo(capture))
     np.testing.assert_array_equal(bridge.read_segment(segmentation, segment_id, geometry), first)
-    bridge.restore_segment_state(scene, history.undo(capture))
+    history.restore_segment_state(scene, steps.undo(capture))
     assert segmentation.GetSegmentation().GetSegment(segment_id) is None  # before the first run: no segment
-    bridge.restore_segment_state(scene, history.redo(capture))
+    history.restore_segment_state(scene, steps.redo(capture))
     np.testing.assert_array_equal(bridge.read_segment(segmentation, segment_id, geometry), first)
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "liver"
 

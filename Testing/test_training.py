@@ -190,7 +190,37 @@ def test_invalid_config_is_a_user_error(tmp_path):
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu"])
+def test_framed_patches_fit_each_structure_to_the_same_fraction_of_the_patch(tiny_cache):
+    from weakicl.training.data import FRAME_SCALE_JITTER, CachedSubjects, load_cases
+
+    subjects = CachedSubjects(load_cases(tiny_cache, "train"), PATCH, frame_fill=0.6)
+    for step in range(12):
+        drawn = subjects.draw(np.random.default_rng([3, step]), 0)
+        mask = drawn.labels[0] == drawn.primary
+        extent = (np.argwhere(mask).max(axis=0) - np.argwhere(mask).min(axis=0) + 1).max()
+        low, high = 0.6 * PATCH[0] / FRAME_SCALE_JITTER[1], 0.6 * PATCH[0] / FRAME_SCALE_JITTER[0]
+        assert low - 2 <= extent <= high + 2  # whatever the structure's own size
+
+
+def test_click_weights_weigh_the_loss_inside_point_prompts_only():
+    import torch
+
+    from weakicl.training.episodes import EpisodeConfig, EpisodeSampler
+    from weakicl.training.loop import click_weights, segmentation_loss
+
+    sampler = EpisodeSampler(EpisodeConfig(mode_weights={"correction": 1.0}), PATCH, 1.0, 0)
+    episodes = [sampler.sample(np.random.default_rng([0, step])) for step in range(2)]
+    assert click_weights(episodes, 0.0, "cpu") is None
+    weights = click_weights(episodes, 4.0, "cpu")
+    assert weights.shape[0] == sum(e.classes for e in episodes) and weights.min() == 1.0 and weights.max() > 4.5
+    targets = torch.from_numpy(np.concatenate([e.masks for e in episodes])[:, None].astype(np.float32))
+    wrong = (1 - 2 * targets) * 5.0  # confidently wrong everywhere
+    plain, _ = segmentation_loss(wrong, targets, 0.0, 1.0)
+    weighted, _ = segmentation_loss(wrong, targets, 0.0, 1.0, weights)
+    assert weighted > plain
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02"])
 def test_every_shipped_config_builds_its_network_and_sampler(name):
     from conftest import REPO
     from weakicl.network import NetConfig
@@ -202,3 +232,6 @@ def test_every_shipped_config_builds_its_network_and_sampler(name):
     assert config.total_steps > 0 and net.patch_size and episodes.max_references >= 1
     if name in ("cpu_atlas", "gpu"):  # they continue the shipped checkpoint: same network as cpu.json
         assert net == NetConfig(**TrainConfig.from_file(REPO / "configs" / "cpu.json").net) and episodes.mode_weights["atlas"] > 0
+    if name == "cpu_v02":  # continues the shipped checkpoint with framing: same parameters, framing in the card
+        shipped = NetConfig(**TrainConfig.from_file(REPO / "configs" / "cpu.json").net)
+        assert {**net.to_dict(), "extra": {}} == shipped.to_dict() and net.extra["framing"]["extent_voxels"] > 0

@@ -67,3 +67,56 @@ def test_bad_output_suffix_is_rejected(tmp_path):
     geometry = oblique_geometry()
     with pytest.raises(InputError, match="must end with"):
         write_mask(tmp_path / "out.png", np.zeros(geometry.shape_kji, bool), geometry, ["x"])
+
+
+def test_a_few_non_finite_voxels_are_replaced_by_the_minimum_and_many_refused(tmp_path, weakicl_log):
+    """Defect 5: NaN or Inf voxels (a NaN slab) went into the network unnoticed."""
+    geometry = Geometry.identity((10, 10, 10))
+    array = np.full(geometry.shape_kji, 5.0, np.float32)
+    array[0, 0, 0], array[1, 1, 1], array[2, 2, 2] = np.nan, np.inf, -3.0
+    back = read_volume(write_volume(tmp_path / "few.nrrd", Volume(array, geometry)))
+    assert np.isfinite(back.array).all() and back.array[0, 0, 0] == back.array[1, 1, 1] == -3.0
+    assert weakicl_log == ["few.nrrd: 2 NaN or infinite voxels set to the image minimum -3"]
+    array[:1] = np.nan  # one slice of ten: 10 %
+    with pytest.raises(InputError, match="NaN or infinite"):
+        read_volume(write_volume(tmp_path / "slab.nrrd", Volume(array, geometry)))
+
+
+def test_output_that_is_a_folder_or_exists_is_refused_before_work(tmp_path):
+    from weakicl.errors import OutputExists
+    from weakicl.volume import check_output_path
+
+    (tmp_path / "out.nii.gz").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_path(tmp_path / "out.nii.gz")
+    (tmp_path / "old.nrrd").write_bytes(b"x")
+    with pytest.raises(OutputExists, match="--overwrite"):
+        check_output_path(tmp_path / "old.nrrd", overwrite=False)
+    assert check_output_path(tmp_path / "old.nrrd", overwrite=True).name == "old.nrrd"
+
+
+def test_label_values_are_written_as_given_in_a_wide_type_when_needed(tmp_path):
+    import SimpleITK as sitk
+
+    geometry = oblique_geometry()
+    masks = np.zeros((2,) + geometry.shape_kji, dtype=bool)
+    masks[0, 2:5], masks[1, 7:10] = True, True
+    small = write_mask(tmp_path / "small.nii.gz", masks, geometry, ["a", "b"], values=[5, 29])
+    assert sitk.ReadImage(str(small)).GetPixelID() == sitk.sitkUInt8 and set(np.unique(read_label_map(small))) == {0, 5, 29}
+    wide = write_mask(tmp_path / "wide.seg.nrrd", masks, geometry, ["a", "b"], values=[5, 300])
+    assert set(np.unique(read_label_map(wide))) == {0, 5, 300}
+    image = sitk.ReadImage(str(wide))
+    assert {image.GetMetaData(f"Segment{n}_LabelValue") for n in range(2)} == {"5", "300"}
+    with pytest.raises(InputError, match="distinct"):
+        write_mask(tmp_path / "bad.nii.gz", masks, geometry, ["a", "b"], values=[3, 3])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_truncated_image_is_refused_not_read_as_zeros(tmp_path, suffix):
+    """Defect 1's other half: ITK reads a cut-short .nii.gz or .nii with the missing voxels as zeros."""
+    geometry = oblique_geometry()
+    path = write_volume(tmp_path / f"image{suffix}", Volume(np.ones(geometry.shape_kji, np.float32), geometry))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="cut short"):
+        read_volume(path)

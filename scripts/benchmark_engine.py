@@ -1,40 +1,59 @@
-"""Engine speed and memory on a 256x256x128 volume (not a test: it takes a minute or more).
+"""Engine speed, memory and click gains on synthetic CT volumes (not a test: it takes minutes).
 
-    python scripts/benchmark_engine.py [--device cpu] [--weights FILE] [--out benchmarks/engine_cpu.json]
+    python scripts/benchmark_engine.py [--device cpu|cuda] [--threads 2] [--shapes 128x256x256 256x256x256]
+                                       [--large] [--weights FILE] [--out benchmarks/engine_cpu.json]
 
-Times model load, context encoding (3 slice boxes), whole-volume segmentation of another volume with
-that context (affine registration of the context onto it, then sliding window; no target prompts),
-in-volume propagation from the boxes, and one corrective click; reports peak resident memory.
+Per volume shape (KJI): model load, context encoding (3 slice boxes), whole-volume segmentation of
+another volume from the cached task (context registered onto it), in-volume propagation from the boxes,
+and 5 corrections placed by the evaluation's click protocol with the boxes still on the target (median
+seconds and Dice after each click), plus a batch of new volumes. Slicer's GrowCut (slicer-core) runs on
+the same volume, boxes and clicks in the same run as the reference. `--large` also measures the peak
+resident memory of propagation on a 512x512x300 CT in a fresh process. Times are wall-clock on this
+machine: compare ratios within one run, not across machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from weakicl.prompts import Point, PromptSet
+from weakicl.evaluation.baselines import GrowCut
+from weakicl.evaluation.metrics import dice
+from weakicl.evaluation.protocols import Trial
+from weakicl.prompts import PromptSet
 from weakicl.session import Segmenter
-from weakicl.simulation import slice_boxes
+from weakicl.simulation import corrective_click, slice_boxes
 from weakicl.volume import Geometry, Volume
 
-SHAPE_KJI = (128, 256, 256)
-SPACING_IJK = (1.0, 1.0, 2.0)
+CLICKS = 5
+BATCH_VOLUMES = 4
 
 
-def synthetic_ct(seed: int) -> tuple[Volume, np.ndarray]:
+def synthetic_ct(shape_kji: tuple[int, int, int], seed: int) -> tuple[Volume, np.ndarray]:
+    """A body with a lobed organ whose boxes and clicks behave like a real one (not a perfect ellipsoid)."""
     rng = np.random.default_rng(seed)
-    k, j, i = np.ogrid[: SHAPE_KJI[0], : SHAPE_KJI[1], : SHAPE_KJI[2]]
-    organ = ((k - 64) / 30.0) ** 2 + ((j - 120) / 40.0) ** 2 + ((i - 140) / 35.0) ** 2 <= 1.0
-    body = ((j - 128) / 110.0) ** 2 + ((i - 128) / 120.0) ** 2 <= 1.0
-    image = np.where(body, 40.0, -1000.0) + 60.0 * organ + rng.normal(0, 20, SHAPE_KJI)
-    return Volume(image.astype(np.float32), Geometry(SPACING_IJK, (0, 0, 0), np.eye(3), SHAPE_KJI), "CT"), organ
+    k, j, i = (np.ogrid[: shape_kji[0], : shape_kji[1], : shape_kji[2]])
+    size = np.asarray(shape_kji, dtype=float)
+    centre = size * np.array([0.5, 0.47, 0.55])
+    radii = size * np.array([0.23, 0.16, 0.14])
+    organ = ((k - centre[0]) / radii[0]) ** 2 + ((j - centre[1]) / radii[1]) ** 2 + ((i - centre[2]) / radii[2]) ** 2 <= 1.0
+    lobe = ((k - centre[0]) / radii[0]) ** 2 + ((j - centre[1] - radii[1]) / (0.6 * radii[1])) ** 2 \
+        + ((i - centre[2] - radii[2]) / (0.6 * radii[2])) ** 2 <= 1.0
+    organ = organ | lobe
+    body = ((j - size[1] / 2) / (0.43 * size[1])) ** 2 + ((i - size[2] / 2) / (0.47 * size[2])) ** 2 <= 1.0
+    image = np.where(body, 40.0, -1000.0) + 60.0 * organ + rng.normal(0, 20, shape_kji)
+    geometry = Geometry((1.0, 1.0, 2.0 if shape_kji[0] < shape_kji[1] else 1.0), (0, 0, 0), np.eye(3), shape_kji)
+    return Volume(image.astype(np.float32), geometry, "CT"), organ
 
 
 def timed(function):
@@ -43,36 +62,96 @@ def timed(function):
     return result, time.perf_counter() - started
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights")
-    parser.add_argument("--out", default="benchmarks/engine_cpu.json")
-    args = parser.parse_args()
-    reference, reference_truth = synthetic_ct(0)
-    target, _ = synthetic_ct(1)
-    boxes = slice_boxes(reference_truth)
-    segmenter, load_seconds = timed(lambda: Segmenter(args.weights, args.device))
+def interactive(segment, truth: np.ndarray, first: np.ndarray) -> tuple[list[float], list[float]]:
+    """Seconds per correction and Dice after each, clicks by the evaluation's protocol."""
+    prediction, clicks, seconds, scores = first, [], [], [dice(first, truth)]
+    for _ in range(CLICKS):
+        click = corrective_click(prediction, truth)
+        if click is None:
+            break
+        clicks.append(click)
+        prediction, took = timed(lambda: segment(list(clicks), prediction))
+        seconds.append(took)
+        scores.append(dice(prediction, truth))
+    return seconds, scores
+
+
+def benchmark_shape(shape_kji, device: str, weights: str | None) -> dict:
+    reference, truth = synthetic_ct(shape_kji, 0)
+    boxes = slice_boxes(truth)
+    segmenter, load_seconds = timed(lambda: Segmenter(weights, device))
     task, encode_seconds = timed(lambda: segmenter.encode_context([(reference, boxes)]))
-    whole, whole_seconds = timed(lambda: segmenter.segment(target, task))
+    others = [synthetic_ct(shape_kji, seed)[0] for seed in range(1, 1 + BATCH_VOLUMES)]
+    whole, whole_seconds = timed(lambda: segmenter.segment(others[0], task))
+    _, cached_seconds = timed(lambda: segmenter.segment(others[0], task))  # registration cached: the network alone
+    _, batch_seconds = timed(lambda: [segmenter.segment(volume, task) for volume in others[1:]])
     propagated, propagate_seconds = timed(lambda: segmenter.segment(reference, task, target_prompts=boxes))
-    click = PromptSet(points=[Point((140.0, 120.0, 90.0), positive=True)])
-    _, correct_seconds = timed(lambda: segmenter.segment(reference, task, target_prompts=boxes + click, previous=propagated.masks[0]))
-    results = {
-        "command": "python " + " ".join(sys.argv),
-        "volume_kji": SHAPE_KJI,
-        "spacing_ijk_mm": SPACING_IJK,
-        "device": segmenter.device_name,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    first = propagated.masks[0]
+
+    def correct(clicks, previous):
+        prompts = boxes + PromptSet(points=clicks)
+        return segmenter.segment(reference, task, prompts, previous, new_prompts=PromptSet(points=clicks[-1:])).masks[0]
+
+    model_seconds, model_dice = interactive(correct, truth, first)
+    growcut = GrowCut()
+    trial = Trial(None, reference, boxes, [(reference, boxes)])
+    growcut_first, growcut_seconds = timed(lambda: growcut.segment(trial, [], None))
+    growcut_click_seconds, growcut_dice = interactive(lambda clicks, previous: growcut.segment(trial, clicks, previous), truth, growcut_first)
+    return {
+        "volume_kji": list(shape_kji),
+        "spacing_ijk_mm": list(reference.geometry.spacing),
         "seconds": {
             "model_load": round(load_seconds, 2),
             "context_encoding": round(encode_seconds, 2),
-            "whole_volume_segmentation": round(whole_seconds, 2),
+            "whole_volume_with_registration": round(whole_seconds, 2),
+            "whole_volume_cached_task": round(cached_seconds, 2),
+            f"batch_of_{BATCH_VOLUMES - 1}_new_volumes": round(batch_seconds, 2),
             "propagation_from_boxes": round(propagate_seconds, 2),
-            "correction_click": round(correct_seconds, 2),
+            "correction_median": round(statistics.median(model_seconds), 3) if model_seconds else None,
+            "corrections": [round(s, 3) for s in model_seconds],
+            "growcut_propagation": round(growcut_seconds, 2),
+            "growcut_correction_median": round(statistics.median(growcut_click_seconds), 3) if growcut_click_seconds else None,
         },
+        "dice_after_each_click": {"model": [round(d, 4) for d in model_dice], "growcut": [round(d, 4) for d in growcut_dice]},
+        "whole_volume_dice": round(dice(whole.masks[0], synthetic_ct(shape_kji, 1)[1]), 4),
+    }
+
+
+def large_ct_peak_mb(device: str, weights: str | None) -> float:
+    """Peak resident memory (MB) of reading prompts and propagating on a 512x512x300 CT, in a fresh process."""
+    code = (
+        "import resource, sys; sys.path.insert(0, %r); from benchmark_engine import synthetic_ct;"
+        "from weakicl.session import Segmenter; from weakicl.simulation import slice_boxes;"
+        "v, t = synthetic_ct((300, 512, 512), 0); b = slice_boxes(t); del t;"
+        "s = Segmenter(%r, %r); task = s.encode_context([(v, b)]); s.segment(v, task, target_prompts=b);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    ) % (str(Path(__file__).parent), weights, device)
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return round(float(output.split()[-1]), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, a laptop)")
+    parser.add_argument("--shapes", nargs="+", default=["128x256x256"], help="volume shapes KxJxI")
+    parser.add_argument("--large", action="store_true", help="also the peak memory of a 512x512x300 CT")
+    parser.add_argument("--weights")
+    parser.add_argument("--out", default="benchmarks/engine_cpu.json")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    results = {
+        "command": "python scripts/benchmark_engine.py " + " ".join(sys.argv[1:]),
+        "device": args.device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "runs": [benchmark_shape(shape, args.device, args.weights) for shape in shapes],
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if args.large:
+        results["peak_memory_mb_512x512x300_propagation"] = large_ct_peak_mb(args.device, args.weights)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -3,18 +3,26 @@
     python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/v0.1/results.json reports/v0.1-unaligned/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
-that produced it) to the JSON card beside the weights, and renders `model_weights/README.md`.
-The weights file itself is not touched, so its sha256 in the card stays valid.
+that produced it) to the JSON card beside the weights, and renders from that card
+`model_weights/README.md` (the model card, intended use and limitations included) and
+`model_weights/LICENSE.md` (the weights' licence and attributions; both ship inside the wheel).
+The JSON card is the one copy of these facts. The weights file itself is not touched, so its sha256
+in the card stays valid. Commands are recorded as typed (`weakicl ...`), never with absolute paths.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from weakicl.provenance import portable_command
 from weakicl.weights import card_path, read_card
+
+PROPAGATE, INTERACTIVE = "propagate (3 box slices)", "interactive (propagate, 3 box slices, 5 clicks)"
+CC_BY_SA = "https://creativecommons.org/licenses/by-sa/4.0/legalcode"
 
 
 def overall_rows(results: dict) -> list[dict]:
@@ -29,9 +37,70 @@ def overall_rows(results: dict) -> list[dict]:
             "hd95_mm": None if row["hd95_mm"]["mean"] is None else round(row["hd95_mm"]["mean"], 2),
             "nsd_2mm": round(row["nsd"]["mean"], 3),
             "click_auc": None if not row.get("click_auc") else round(row["click_auc"]["mean"], 3),
-            "command": results["command"],
+            "command": portable(results["command"]),
         })
     return rows
+
+
+def portable(command: str) -> str:
+    """A recorded command with the program by name and no absolute paths (older results hold them)."""
+    return portable_command(shlex.split(command))
+
+
+def _dice(rows: list[dict], setting: str, group: str, method: str) -> float | None:
+    return next((row["dice"] for row in rows if (row["setting"], row["group"], row["method"]) == (setting, group, method)), None)
+
+
+def limitations(rows: list[dict]) -> list[str]:
+    """Intended use and the limitations the evaluation shows, with its numbers (none when rows lack them)."""
+    lines = [
+        "## Intended use and limitations",
+        "",
+        "- **Research use only. Not a medical device**: not cleared or approved for diagnosis, treatment or any "
+        "clinical decision; a qualified person must review every mask before it is used for anything.",
+        "- Intended use: semi-automatic 3D segmentation of CT and MR structures for research (annotation, "
+        "volumetry, dataset building) from a few slice boxes or points, or from labelled reference cases.",
+        "- Trained mostly on MR hippocampus (Medical Segmentation Decathlon) and synthetic shapes, with a few "
+        "brain and CT label maps (see Data): \"universal\" is the aim of the method, not a property of these weights.",
+    ]
+    model, growcut = _dice(rows, PROPAGATE, "unseen", "model"), _dice(rows, PROPAGATE, "unseen", "growcut")
+    if model is not None and growcut is not None:
+        lines.append(f"- On anatomy it never saw in training (12 CT and brain structures, each measured once) it loses to "
+                     f"GrowCut today: Dice {model:.3f} against {growcut:.3f} from the same 3 slice boxes. "
+                     "For such structures, Slicer's Grow from seeds is the better tool for now.")
+    gains = [(group, _dice(rows, PROPAGATE, group, "model"), _dice(rows, INTERACTIVE, group, "model"))
+             for group in ("validation", "unseen")]
+    gains = [f"{before:.3f} to {after:.3f} ({group})" for group, before, after in gains if before is not None and after is not None]
+    if gains:
+        lines.append("- Corrective clicks barely help: 5 simulated clicks move the mean Dice from " + " and from ".join(gains) + ".")
+    lines += [
+        "- Segmenting other subjects from references relies on registering them onto the target (on by default); "
+        "its boundaries are less exact than within-volume propagation (see HD95 below).",
+        "- Evaluated on one public collection with a fixed split and 12 unseen structures: no pathology, children, "
+        "other scanners or sites were tested. Expect lower quality on data unlike the training data.",
+        "",
+    ]
+    return lines
+
+
+def licence_markdown(card: dict) -> str:
+    """The weights' licence file: what applies to them and whom to credit."""
+    lines = [
+        f"# Licence of the weights `{card.get('file', 'weakicl.safetensors')}`",
+        "",
+        "The code of weakicl is Apache-2.0 (LICENSE at the top of the source tree). These weights are a "
+        "separate work, trained on the data below.",
+        "",
+        "## Attribution of the training data",
+        "",
+    ]
+    for source in card.get("data", []):
+        credit = f" {source['attribution']}" if source.get("attribution") else ""
+        lines.append(f"- {source['name']}: {source['licence']}.{credit}")
+    lines += ["", card.get("licence_note", ""), "",
+              f"CC-BY-SA 4.0 legal code: {CC_BY_SA}. Changes: the data were resampled, normalised and cropped, "
+              "then used to train these weights; no image or label is contained in them."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(card: dict, rows: list[dict]) -> str:
@@ -45,7 +114,9 @@ def markdown(card: dict, rows: list[dict]) -> str:
         f"- training: {training.get('steps')} steps ({training.get('episodes')} episodes), "
         f"{(training.get('wall_time_s') or 0) / 60:.0f} min wall time on {training.get('hardware', 'unknown hardware')}",
         f"- {card.get('weights', '')}; continue training with `--resume model_weights/checkpoint` (docs/TRAINING.md)",
+        "- licence: CC-BY-SA 4.0 for the weights (LICENSE.md beside them, with the attributions); the code is Apache-2.0",
         "",
+    ] + limitations(rows) + [
         "## Evaluation (mean over structures, 95 % bootstrap interval)",
         "",
         "| setting | group | method | n | Dice [95% CI] | HD95 mm | NSD 2 mm | click AUC |",
@@ -62,7 +133,7 @@ def markdown(card: dict, rows: list[dict]) -> str:
     for source in card.get("data", []):
         lines.append("- " + "; ".join(f"{key}: {value}" for key, value in source.items()))
     if card.get("licence_note"):
-        lines += ["", card["licence_note"]]
+        lines += ["", card["licence_note"] + " See LICENSE.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -76,8 +147,10 @@ def main() -> int:
     card["evaluation"] = rows
     card["file"] = Path(args.weights).name
     card_path(args.weights).write_text(json.dumps(card, indent=2) + "\n")
-    (Path(args.weights).parent / "README.md").write_text(markdown(card, rows))
-    print(f"updated {card_path(args.weights)} and {Path(args.weights).parent / 'README.md'} with {len(rows)} rows")
+    folder = Path(args.weights).parent
+    (folder / "README.md").write_text(markdown(card, rows))
+    (folder / "LICENSE.md").write_text(licence_markdown(card))
+    print(f"updated {card_path(args.weights)}, {folder / 'README.md'} and {folder / 'LICENSE.md'} with {len(rows)} rows")
     return 0
 
 

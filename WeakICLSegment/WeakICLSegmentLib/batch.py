@@ -1,22 +1,18 @@
-"""Where batch inputs come from and where their segmentations go: plain paths, no Slicer."""
+"""Where batch inputs come from and where their segmentations go: plain paths, no Slicer.
+
+The naming rule is the engine's (`weakicl.batch.output_name`, shared with `weakicl batch`); Slicer adds a
+number instead of skipping when a result of that name exists, because a user who reruns a batch in the
+application expects new results beside the old ones, not a resumed run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from weakicl.batch import IMAGE_SUFFIXES, output_name
 from weakicl.errors import InputError
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 RESULT_SUFFIX = ".seg.nrrd"
-
-
-def image_stem(name: str) -> str:
-    """A file or node name without its image extension ("ct.nii.gz" -> "ct")."""
-    lowered = name.lower()
-    for suffix in (RESULT_SUFFIX,) + IMAGE_SUFFIXES:
-        if lowered.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -32,9 +28,8 @@ def image_files(folder: Path) -> list[Path]:
 
 def output_path(name: str, segment_name: str, folder: Path) -> Path:
     """`<folder>/<image stem> <segment>.seg.nrrd`, numbered rather than overwriting an earlier result."""
-    base = f"{image_stem(name)} {segment_name}".strip()
-    candidate, number = folder / f"{base}{RESULT_SUFFIX}", 1
+    candidate, number = folder / output_name(name, segment_name, RESULT_SUFFIX), 1
     while candidate.exists():
         number += 1
-        candidate = folder / f"{base} {number}{RESULT_SUFFIX}"
+        candidate = folder / output_name(name, f"{segment_name} {number}", RESULT_SUFFIX)
     return candidate

@@ -1,11 +1,15 @@
-"""Undo/redo of segmentation edits, kept small: masks are stored bit-packed inside their bounding box."""
+"""Undo/redo snapshots of the module's segment edits, kept small: masks are stored bit-packed inside
+their bounding box. A snapshot also records what the module left in the segment, so that Undo refuses to
+restore over an edit made since in the Segment Editor (that edit is the Segment Editor's to undo)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, NamedTuple, Optional, TypeVar
 
 import numpy as np
+from weakicl.errors import InputError
+from weakicl.volume import Geometry
 
 State = TypeVar("State")
 
@@ -38,6 +42,10 @@ class PackedMask:
             mask[region] = box
         return mask
 
+    def same_as(self, other: Optional[PackedMask]) -> bool:
+        return (other is not None and self.shape == other.shape and self.offset == other.offset
+                and self.box_shape == other.box_shape and np.array_equal(self.bits, other.bits))
+
 
 @dataclass
 class EditHistory(Generic[State]):
@@ -56,6 +64,12 @@ class EditHistory(Generic[State]):
     @property
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    def next_undo(self) -> Optional[State]:
+        return self._undo[-1] if self._undo else None
+
+    def next_redo(self) -> Optional[State]:
+        return self._redo[-1] if self._redo else None
 
     def record(self, before: State) -> None:
         self._undo.append(before)
@@ -80,3 +94,104 @@ class EditHistory(Generic[State]):
     def clear(self) -> None:
         self._undo.clear()
         self._redo.clear()
+
+
+# --- snapshots of segments and their correction prompts --------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarkupState:
+    """A markups node's placed prompts, to put back on undo: control points, and an ROI's size and axes."""
+
+    node_id: str
+    positions: np.ndarray
+    roi_size: Optional[tuple[float, float, float]] = None
+    roi_object_to_node: Optional[np.ndarray] = None
+
+
+def capture_markup(node) -> MarkupState:
+    from . import mrml_bridge as bridge
+
+    positions = np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())]).reshape(-1, 3)
+    if node.IsA("vtkMRMLMarkupsROINode") and len(positions):
+        return MarkupState(node.GetID(), positions, tuple(node.GetSize()), bridge.numpy_matrix(node.GetObjectToNodeMatrix()))
+    return MarkupState(node.GetID(), positions)
+
+
+def restore_markup(scene, state: MarkupState) -> None:
+    """Put a node back as captured (a node deleted since is left deleted)."""
+    from . import mrml_bridge as bridge
+
+    node = scene.GetNodeByID(state.node_id)
+    if node is None:
+        return
+    was_modifying = node.StartModify()
+    node.RemoveAllControlPoints()
+    if state.roi_size is not None:
+        bridge.place_roi(node, state.roi_object_to_node, state.roi_size)
+    else:
+        for position in state.positions:
+            node.AddControlPoint(*position)
+    node.EndModify(was_modifying)
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """One segment (absent: mask None) and the correction prompts that produced it, for undo/redo."""
+
+    segmentation_id: str
+    segment_id: str
+    name: str
+    geometry: Geometry
+    mask: Optional[PackedMask]
+    markups: tuple[MarkupState, ...]
+
+
+def capture_segment_state(segmentation_node, segment_id: str, name: str, geometry: Geometry, markup_nodes: list) -> SegmentState:
+    from . import mrml_bridge as bridge
+
+    exists = segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
+    mask = PackedMask.pack(bridge.read_segment(segmentation_node, segment_id, geometry)) if exists else None
+    return SegmentState(segmentation_node.GetID(), segment_id, name, geometry, mask, tuple(capture_markup(n) for n in markup_nodes))
+
+
+def restore_segment_state(scene, state: SegmentState) -> None:
+    """Put a segment (or its absence) and its correction prompts back as captured."""
+    from . import mrml_bridge as bridge
+
+    segmentation_node = scene.GetNodeByID(state.segmentation_id)
+    if segmentation_node is None:
+        raise InputError("the segmentation of this step was deleted: nothing to restore")
+    if state.mask is None:
+        segmentation_node.GetSegmentation().RemoveSegment(state.segment_id)
+    else:
+        bridge.write_segment(segmentation_node, state.mask.unpack(), state.geometry, state.name, state.segment_id)
+    for markup in state.markups:
+        restore_markup(scene, markup)
+
+
+class ActiveSegment(NamedTuple):
+    """The segment corrections on a target apply to, by node and segment ID, and its task's name."""
+
+    segmentationId: str
+    segmentId: str
+    targetId: str
+    taskName: str
+
+
+class Step(NamedTuple):
+    """One undo entry: the segment's state to restore, the segment it is about, which segment was active
+    for its target then, and what the module left in the segment (None: no segment), which must still
+    be there for the step to be restored."""
+
+    state: SegmentState
+    subject: ActiveSegment
+    active: Optional[ActiveSegment]
+    expected: Optional[PackedMask]
+
+
+def still_as_left(step: Step, current: Optional[PackedMask]) -> bool:
+    """True when the segment is as the module left it (no Segment Editor edit since)."""
+    if step.expected is None:
+        return current is None or not current.unpack().any()
+    return step.expected.same_as(current)

@@ -11,20 +11,21 @@ its prompts and its segmentation may each sit under a different transform and st
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
 from weakicl.errors import InputError
-from weakicl.prompts import Box, Point, PromptSet, box_from_corners
+from weakicl.prompts import Box, Point, PromptSet, clip_box
+from weakicl.slicebox import DETECT, OrientedBox, check_inside, roi_prompt
 from weakicl.volume import SEGMENT_COLOURS, Geometry, Volume
-
-from .history import PackedMask
 
 ROLE_ATTRIBUTE = "WeakICLSegment.Role"
 VOLUME_REFERENCE_ROLE = "weakICLSegmentVolume"
+SLICE_AXIS_ATTRIBUTE = "WeakICLSegment.SliceAxis"  # ROI axis shared by the two placing clicks, or "none"
+FIRST_CORNER_ATTRIBUTE = "WeakICLSegment.FirstCorner"  # world RAS of the first click, while placing
 
 
 class PromptRole(enum.Enum):
@@ -193,32 +194,86 @@ def defined_positions(node) -> np.ndarray:
     return np.array(positions, dtype=float).reshape(-1, 3)
 
 
-def box_from_roi(roi, geometry: Geometry) -> Box | None:
-    """The ROI's 8 world corners through RAS->IJK, as an axis-aligned IJK box clipped to the image.
-
-    None while the ROI is not placed yet. Oblique ROIs or volumes give the IJK bounding box of the ROI.
-    """
-    if roi.GetNumberOfDefinedControlPoints() == 0:
-        return None
+def roi_frame_world(roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ROI's centre, unit axes (columns) and size in world RAS (mm)."""
     to_world_matrix(roi)  # refuse warping transforms: the ROI's matrix would ignore them
-    bounds = [0.0] * 6
-    roi.GetObjectBounds(bounds)
-    corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
-    corners_world = corners @ numpy_matrix(roi.GetObjectToWorldMatrix()).T
-    return clip_box(box_from_corners(geometry.ras_to_ijk(corners_world[:, :3])), geometry, roi.GetName())
+    object_to_world = numpy_matrix(roi.GetObjectToWorldMatrix())
+    scales = np.linalg.norm(object_to_world[:3, :3], axis=0)
+    return object_to_world[:3, 3].copy(), object_to_world[:3, :3] / scales, np.asarray(roi.GetSize(), dtype=float) * scales
 
 
-def clip_box(box: Box, geometry: Geometry, name: str) -> Box:
-    """Keep the part of a box inside the image: boxes dragged past the edge are the common case."""
-    upper = np.asarray(geometry.shape_ijk, dtype=float) - 1
-    lo, hi = np.asarray(box.lo_ijk), np.asarray(box.hi_ijk)
-    if np.any(hi < -0.5) or np.any(lo > upper + 0.5):
-        raise InputError(f"box '{name}' lies outside the image")
-    return Box(tuple(np.clip(lo, 0, upper)), tuple(np.clip(hi, 0, upper)))
+def recorded_slice_axis(roi) -> int | None:
+    """The ROI axis its two placing clicks shared (recorded by `watch_box_placement`), None for a box
+    placed or set as 3D, `slicebox.DETECT` when nothing was recorded (a loaded scene, a script)."""
+    value = roi.GetAttribute(SLICE_AXIS_ATTRIBUTE)
+    if value is None:
+        return DETECT
+    return int(value) if value in ("0", "1", "2") else None
+
+
+def box_from_roi(roi, geometry: Geometry) -> Box | OrientedBox | None:
+    """The ROI as a box prompt in the IJK of `geometry` (see `weakicl.slicebox.roi_prompt`: a box drawn
+    on a slice stays a slice box, oblique slices give an oriented box), clipped to the image.
+
+    None while the ROI is not placed yet.
+    """
+    if roi.GetNumberOfDefinedControlPoints() == 0 or not any(roi.GetSize()):
+        return None
+    centre, axes, size = roi_frame_world(roi)
+    box = roi_prompt(centre, axes, size, geometry.ras_to_ijk, geometry, recorded_slice_axis(roi))
+    if isinstance(box, OrientedBox):
+        return check_inside(box, geometry, f"box '{roi.GetName()}'")
+    clipped = clip_box(box, geometry)
+    if clipped is None:
+        raise InputError(f"box '{roi.GetName()}' lies outside the image")
+    return clipped
+
+
+def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> int:
+    """Observe an ROI being placed by two clicks: at the first click, turn the ROI into the frame of the
+    slice view clicked in (so Slicer sizes it in that view's plane, oblique views included) and note the
+    click; at the second, record which ROI axis the two clicks shared (`recorded_slice_axis`).
+    Returns the observer tag."""
+
+    def on_defined(caller, event) -> None:
+        defined = caller.GetNumberOfDefinedControlPoints()
+        if defined == 1 and not any(caller.GetSize()):  # first click: Slicer has not sized the box yet
+            position = [0.0, 0.0, 0.0]
+            caller.GetNthControlPointPositionWorld(0, position)
+            caller.SetAttribute(FIRST_CORNER_ATTRIBUTE, " ".join(repr(float(c)) for c in position))
+            slice_node = slice_node_at_cursor()
+            if slice_node is not None:
+                orient_roi(caller, numpy_matrix(slice_node.GetSliceToRAS())[:3, :3], np.asarray(position))
+            return
+        first = caller.GetAttribute(FIRST_CORNER_ATTRIBUTE)
+        if first is None or defined not in (1, 2):
+            return
+        caller.RemoveAttribute(FIRST_CORNER_ATTRIBUTE)
+        centre, axes, _ = roi_frame_world(caller)
+        if defined == 2:  # the event came before Slicer replaced the two corners by the centre
+            diagonal = defined_positions(caller)[1] - defined_positions(caller)[0]
+        else:
+            diagonal = 2.0 * (centre - np.array([float(c) for c in first.split()]))
+        diagonal = diagonal @ axes  # second click - first click, along the ROI axes
+        shared = [a for a in range(3) if abs(diagonal[a]) <= 1e-6 * max(np.abs(diagonal).max(), 1e-9)]
+        caller.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(shared[0]) if len(shared) == 1 else "none")
+
+    return roi.AddObserver(roi.PointPositionDefinedEvent, on_defined)
+
+
+def orient_roi(roi, slice_to_ras: np.ndarray, centre_world: np.ndarray) -> None:
+    """Give an ROI the axes of a slice view (in-plane x, y and their normal), centred at a world point."""
+    x, y = slice_to_ras[:, 0] / np.linalg.norm(slice_to_ras[:, 0]), slice_to_ras[:, 1] / np.linalg.norm(slice_to_ras[:, 1])
+    object_to_world = np.eye(4)
+    object_to_world[:3, :3] = np.column_stack([x, y, np.cross(x, y)])
+    object_to_world[:3, 3] = centre_world
+    object_to_node = np.linalg.inv(to_world_matrix(roi)) @ object_to_world
+    roi.GetObjectToNodeMatrix().DeepCopy(vtk_matrix(object_to_node))
 
 
 def set_roi_box(roi, box: Box, geometry: Geometry) -> None:
-    """Place an ROI on an IJK box of `geometry`, aligned with its voxel axes (scripted and synthetic prompts)."""
+    """Place an ROI on an IJK box of `geometry`, aligned with its voxel axes (scripted and synthetic
+    prompts); recorded as set, not clicked, so only a thin side makes it a slice box."""
     ijk_to_ras = geometry.ijk_to_ras_matrix()
     axes = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     object_to_node = np.eye(4)
@@ -226,10 +281,11 @@ def set_roi_box(roi, box: Box, geometry: Geometry) -> None:
     object_to_node[:3, 3] = geometry.ijk_to_ras((np.asarray(box.lo_ijk) + np.asarray(box.hi_ijk)) / 2)[0]
     object_to_node = np.linalg.inv(to_world_matrix(roi)) @ object_to_node
     size = (np.asarray(box.hi_ijk) - np.asarray(box.lo_ijk)) * np.asarray(geometry.spacing)
-    _place_roi(roi, object_to_node, size)
+    place_roi(roi, object_to_node, size)
+    roi.SetAttribute(SLICE_AXIS_ATTRIBUTE, "none")
 
 
-def _place_roi(roi, object_to_node: np.ndarray, size) -> None:
+def place_roi(roi, object_to_node: np.ndarray, size) -> None:
     roi.GetObjectToNodeMatrix().DeepCopy(vtk_matrix(object_to_node))
     roi.SetCenter(object_to_node[:3, 3])
     roi.SetSize(*size)
@@ -242,43 +298,12 @@ def prompts_from_nodes(nodes: list, geometry: Geometry) -> PromptSet:
         role = role_of(node)
         if role.is_box:
             box = box_from_roi(node, geometry)
-            prompts.boxes.extend([box] if box else [])
+            if box is not None:
+                (prompts.oriented_boxes if isinstance(box, OrientedBox) else prompts.boxes).append(box)
         else:
             ijk = geometry.ras_to_ijk(defined_positions(node))
             prompts.points.extend(Point(tuple(position), positive=role.positive) for position in ijk)
     return prompts.validate(geometry, require_prompts=False)
-
-
-@dataclass(frozen=True)
-class MarkupState:
-    """A markups node's placed prompts, to put back on undo: control points, and an ROI's size and axes."""
-
-    node_id: str
-    positions: np.ndarray
-    roi_size: tuple[float, float, float] | None = None
-    roi_object_to_node: np.ndarray | None = None
-
-
-def capture_markup(node) -> MarkupState:
-    positions = np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())]).reshape(-1, 3)
-    if node.IsA("vtkMRMLMarkupsROINode") and len(positions):
-        return MarkupState(node.GetID(), positions, tuple(node.GetSize()), numpy_matrix(node.GetObjectToNodeMatrix()))
-    return MarkupState(node.GetID(), positions)
-
-
-def restore_markup(scene, state: MarkupState) -> None:
-    """Put a node back as captured (a node deleted since is left deleted)."""
-    node = scene.GetNodeByID(state.node_id)
-    if node is None:
-        return
-    was_modifying = node.StartModify()
-    node.RemoveAllControlPoints()
-    if state.roi_size is not None:
-        _place_roi(node, state.roi_object_to_node, state.roi_size)
-    else:
-        for position in state.positions:
-            node.AddControlPoint(*position)
-    node.EndModify(was_modifying)
 
 
 # --- segments ------------------------------------------------------------------------------------
@@ -308,9 +333,12 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
 
     Without `segment_id`, or with one that does not exist yet, a new segment with a unique name is
     added; with an existing one, only that segment's voxels are replaced. Other segments are never
-    overwritten: where they overlap, Slicer keeps them on separate labelmap layers.
+    changed: where they overlap, Slicer keeps them on separate labelmap layers. A segmentation node made by a node selector's
+    "Create new" has no display node yet: it gets one, so the segment shows.
     """
     register_segmentation_converters()
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
     labelmap = _oriented_image(np.asarray(mask, dtype=bool).astype(np.uint8), ijk_to_node)
@@ -323,9 +351,15 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
         colour = SEGMENT_COLOURS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLOURS)]
         segment_id = segmentation.AddEmptySegment(segment_id, unique_segment_name(segmentation, name), colour)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
+    written = logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE)
+    if not written:
         raise RuntimeError(f"Slicer refused to write segment '{name}'")
     return segment_id
+
+
+def segment_ids(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
 def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.ndarray:
@@ -340,34 +374,3 @@ def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.n
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
     return values.reshape(geometry.shape_kji) > 0
-
-
-@dataclass(frozen=True)
-class SegmentState:
-    """One segment (absent: mask None) and the correction prompts that produced it, for undo/redo."""
-
-    segmentation_id: str
-    segment_id: str
-    name: str
-    geometry: Geometry
-    mask: PackedMask | None
-    markups: tuple[MarkupState, ...]
-
-
-def capture_segment_state(segmentation_node, segment_id: str, name: str, geometry: Geometry, markup_nodes: list) -> SegmentState:
-    exists = segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
-    mask = PackedMask.pack(read_segment(segmentation_node, segment_id, geometry)) if exists else None
-    return SegmentState(segmentation_node.GetID(), segment_id, name, geometry, mask, tuple(capture_markup(n) for n in markup_nodes))
-
-
-def restore_segment_state(scene, state: SegmentState) -> None:
-    """Put a segment (or its absence) and its correction prompts back as captured."""
-    segmentation_node = scene.GetNodeByID(state.segmentation_id)
-    if segmentation_node is None:
-        raise InputError("the segmentation of this step was deleted: nothing to restore")
-    if state.mask is None:
-        segmentation_node.GetSegmentation().RemoveSegment(state.segment_id)
-    else:
-        write_segment(segmentation_node, state.mask.unpack(), state.geometry, state.name, state.segment_id)
-    for markup in state.markups:
-        restore_markup(scene, markup)

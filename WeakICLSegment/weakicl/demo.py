@@ -54,8 +54,9 @@ def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, prediction: n
 
 
 def run_demo(out: Path, device: str = "auto", weights=None) -> int:
-    from .cli import progress_bar
+    from .cli_common import progress_bar
     from .prompts import box_hull
+    from .provenance import provenance
     from .session import Segmenter
     from .volume import write_mask, write_volume
 
@@ -70,7 +71,8 @@ def run_demo(out: Path, device: str = "auto", weights=None) -> int:
     seconds = time.perf_counter() - started
     mask = prediction.masks[0]
     write_volume(out / "phantom_image.nii.gz", volume)
-    write_mask(out / "phantom_segmentation.seg.nrrd", mask, volume.geometry, ["phantom"])
+    record = provenance(segmenter.card, "phantom_image.nii.gz", prompts, "phantom_prompts.json", (), ["phantom"])
+    write_mask(out / "phantom_segmentation.seg.nrrd", mask, volume.geometry, ["phantom"], provenance=record)
     (out / "phantom_prompts.json").write_text(json.dumps(prompts.to_voxel_json(), indent=1))
     prior = box_hull(prompts.boxes, volume.geometry.shape_kji) > 0
     slices = [int(round((b.lo_ijk[2] + b.hi_ijk[2]) / 2)) for b in prompts.boxes]

@@ -7,6 +7,7 @@ Slicer markups (`.mrk.json`, LPS or RAS) or in a voxel JSON (IJK).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ MASK_CHANNEL = PROMPT_CHANNELS.index("mask")
 FOREGROUND_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "mask")]
 THIN_BOX_VOXELS = 2.0  # a box thinner than this along an axis was drawn on one slice
 NEGATIVE_WORDS = ("neg", "background", "exclude")
+MIN_BOX_VOXELS = 1.0  # a box narrower than this along two axes is a line or a dot, not a box
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,33 +55,64 @@ class Point:
 class PromptSet:
     boxes: list[Box] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
+    oriented_boxes: list = field(default_factory=list)  # slicebox.OrientedBox: boxes drawn on oblique slices
 
     def is_empty(self) -> bool:
-        return not self.boxes and not self.points
+        return not self.boxes and not self.points and not self.oriented_boxes
 
     def __add__(self, other: PromptSet) -> PromptSet:
-        return PromptSet(self.boxes + other.boxes, self.points + other.points)
+        return PromptSet(self.boxes + other.boxes, self.points + other.points, self.oriented_boxes + other.oriented_boxes)
 
     def validate(self, geometry: Geometry, require_prompts: bool = True) -> PromptSet:
-        """Raise InputError for empty sets, inverted boxes and prompts outside the image."""
+        """The prompts to use: boxes past the image edge clipped to it (with a warning: Slicer users drag
+        boxes past the edge). Raise InputError for empty sets, non-finite coordinates, inverted boxes, boxes
+        under one voxel along two or more axes (a slice box is thin along one axis only), boxes wholly
+        outside the image and points outside it."""
         if require_prompts and self.is_empty():
             raise InputError("no prompts given: draw at least one box or point")
+        boxes = []
         for number, box in enumerate(self.boxes, 1):
+            if not np.all(np.isfinite(box.lo_ijk + box.hi_ijk)):
+                raise InputError(f"box {number} has a coordinate that is not a finite number")
             if any(lo > hi for lo, hi in zip(box.lo_ijk, box.hi_ijk)):
-                raise InputError(f"box {number} is inverted (min {box.lo_ijk} > max {box.hi_ijk})")
-            if not geometry.contains_ijk(np.array([box.lo_ijk, box.hi_ijk])).all():
-                raise InputError(f"box {number} lies (partly) outside the image of size {geometry.shape_ijk} (IJK)")
+                raise InputError(f"box {number} is inverted (min {_rounded(box.lo_ijk)} > max {_rounded(box.hi_ijk)})")
+            clipped = clip_box(box, geometry)
+            if clipped is None:
+                raise InputError(f"box {number} lies outside the image of size {geometry.shape_ijk} (IJK)")
+            if clipped != box and not geometry.contains_ijk(np.array([box.lo_ijk, box.hi_ijk])).all():
+                log.warning("box %d reaches past the image edge; clipped to IJK %s-%s", number, _rounded(clipped.lo_ijk), _rounded(clipped.hi_ijk))
+            extent = np.subtract(clipped.hi_ijk, clipped.lo_ijk)
+            if np.sum(extent < MIN_BOX_VOXELS) >= 2:
+                raise InputError(f"box {number} spans less than one voxel along {np.sum(extent < MIN_BOX_VOXELS)} axes "
+                                 f"(IJK extent {_rounded(extent)}): draw a box around the structure on a slice")
+            boxes.append(clipped)
         for number, point in enumerate(self.points, 1):
-            if not geometry.contains_ijk(point.ijk).all():
-                raise InputError(f"point {number} at IJK {tuple(round(c, 1) for c in point.ijk)} lies outside the image")
-        return self
+            if not np.all(np.isfinite(point.ijk)) or not geometry.contains_ijk(point.ijk).all():
+                raise InputError(f"point {number} at IJK {_rounded(point.ijk)} lies outside the image")
+        return PromptSet(boxes, list(self.points), list(self.oriented_boxes))
 
     def to_voxel_json(self) -> dict:
         return {
             "coordinate_system": "IJK",
             "boxes": [{"min": list(b.lo_ijk), "max": list(b.hi_ijk)} for b in self.boxes],
             "points": [{"ijk": list(p.ijk), "positive": p.positive} for p in self.points],
+            **({"oriented_boxes": [b.to_json() for b in self.oriented_boxes]} if self.oriented_boxes else {}),
         }
+
+
+def clip_box(box: Box, geometry: Geometry) -> Box | None:
+    """`box` cut to the image's voxel centres, the same box when it lies inside (borders included), or
+    None when nothing of it is inside."""
+    lo = np.maximum(box.lo_ijk, 0.0)
+    hi = np.minimum(box.hi_ijk, np.asarray(geometry.shape_ijk, dtype=float) - 1)
+    if np.any(lo > hi):
+        return None
+    clipped = Box(tuple(lo), tuple(hi))
+    return box if clipped == box else clipped
+
+
+def _rounded(values) -> tuple[float, ...]:
+    return tuple(round(float(v), 1) for v in values)
 
 
 def box_from_corners(corners_ijk: np.ndarray) -> Box:
@@ -89,24 +123,45 @@ def box_from_corners(corners_ijk: np.ndarray) -> Box:
 def read_prompts(path: str | os.PathLike, geometry: Geometry) -> PromptSet:
     """Read a `.mrk.json` (Slicer markups) or voxel JSON prompt file and validate it on `geometry`."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prompt file {path} is a folder; give a .mrk.json or voxel JSON file")
     if not path.is_file():
         raise InputError(f"prompt file not found: {path}")
     try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path.name} is not valid JSON: {error}") from None
+        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: editors on Windows write a BOM
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise InputError(f"{path.name} is not valid JSON: {str(error)[:200]}") from None
+    except OSError as error:
+        raise InputError(f"cannot read prompt file {path}: {error.strerror}") from None
     if not isinstance(document, dict):
         raise InputError(f"{path.name}: expected a JSON object")
     try:
         if "markups" in document:
+            _check_markups(document["markups"], path.name)
             prompts = prompts_from_markups(document, geometry, all_negative=_says_negative(path.name))
         elif "boxes" in document or "points" in document:
             prompts = prompts_from_voxel_json(document)
         else:
             raise InputError(f"{path.name}: neither Slicer markups nor voxel JSON (no 'markups', 'boxes' or 'points')")
-    except (KeyError, TypeError, ValueError, IndexError) as error:
-        raise InputError(f"{path.name}: malformed prompt entry ({type(error).__name__}: {error})") from None
-    return prompts.validate(geometry)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as error:
+        raise InputError(f"{path.name}: malformed prompt entry ({type(error).__name__}: {str(error)[:200]})") from None
+    try:
+        return prompts.validate(geometry)
+    except InputError as error:
+        raise InputError(f"{path.name}: {error}") from None
+
+
+def _check_markups(markups, name: str) -> None:
+    """The shape of a markups file that `prompts_from_markups` relies on: a list of objects, and ROI
+    sizes that are finite and not negative (Slicer never writes negative sizes; taking their absolute
+    value would hide a broken file)."""
+    if not isinstance(markups, list) or not all(isinstance(markup, dict) for markup in markups):
+        raise InputError(f"{name}: \"markups\" must be a list of markup objects")
+    for markup in markups:
+        if markup.get("type") == "ROI" and "size" in markup:
+            size = np.asarray(markup["size"], dtype=float)
+            if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size < 0):
+                raise InputError(f"{name}: ROI size must be three finite, non-negative numbers, got {markup['size']}")
 
 
 def prompts_from_voxel_json(document: dict) -> PromptSet:
@@ -129,7 +184,13 @@ def prompts_from_markups(document: dict, geometry: Geometry, all_negative: bool 
         to_ijk = _physical_to_ijk(markup.get("coordinateSystem", "LPS"), geometry)
         kind = markup.get("type", "")
         if kind == "ROI":
-            prompts.boxes.append(box_from_corners(to_ijk(_roi_corners(markup))))
+            from .slicebox import OrientedBox, check_inside, roi_prompt  # slicebox builds on this module
+
+            box = roi_prompt(*_roi_frame(markup), to_ijk, geometry)  # Slicer's two-click padding undone
+            if isinstance(box, OrientedBox):
+                prompts.oriented_boxes.append(check_inside(box, geometry, f"box '{markup.get('name', '')}'"))
+            else:
+                prompts.boxes.append(box)
         elif kind in ("Fiducial", "Point", "PointList"):
             list_negative = all_negative or _says_negative(markup.get("name", ""))
             for control_point in markup.get("controlPoints", []):
@@ -159,16 +220,15 @@ def _physical_to_ijk(system: str, geometry: Geometry):
     raise InputError(f"unknown markups coordinateSystem {system!r} (expected LPS or RAS)")
 
 
-def _roi_corners(markup: dict) -> np.ndarray:
-    """The 8 corners of a markups ROI in the file's physical coordinates."""
+def _roi_frame(markup: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A markups ROI's centre, unit axes (columns) and size, in the file's physical coordinates."""
     if "center" in markup:
         centre = np.array(markup["center"], dtype=float)
     else:
         centre = np.array(markup["controlPoints"][0]["position"], dtype=float)
     size = np.array(markup["size"], dtype=float)
     axes = np.array(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
-    return centre + (signs * size / 2.0) @ axes.T
+    return centre, axes, size
 
 
 def _says_negative(text: str) -> bool:
@@ -182,6 +242,12 @@ def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = 4
     for box in prompts.boxes:
         channels[0][_box_slices(box, geometry.shape_kji, thicken=True)] = 1.0
     channels[1] = box_hull(prompts.boxes, geometry.shape_kji)
+    if prompts.oriented_boxes:
+        from .slicebox import BOX_HALF_THICKNESS, oriented_hull, rasterize_oriented
+
+        for box in prompts.oriented_boxes:
+            channels[0][rasterize_oriented(box, geometry.shape_kji, BOX_HALF_THICKNESS)] = 1.0
+        channels[1][oriented_hull(prompts.oriented_boxes, geometry.shape_kji)] = 1.0
     for point in prompts.points:
         _add_sphere(channels[2 if point.positive else 3], point.ijk, point_radius_mm, geometry.spacing)
     return channels

@@ -11,7 +11,9 @@ Long calls take `progress=callback(fraction, message)`; raising from it (`errors
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,12 +21,15 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .devices import device_name, resolve_device
 from .errors import InputError
+from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
 from .preprocess import WorkingGrid, normalize_intensity, pad_to_multiple, roi_around
 from .prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
 from .registration import AtlasItem, atlas_prior
 from .volume import Geometry, Volume, volume_digest
 
+logger = logging.getLogger("weakicl")
 ProgressCallback = Callable[[float, str], None]
 ContextItem = tuple[Volume, "PromptSet | np.ndarray"]
 ROI_MARGIN_FRACTION = 0.5
@@ -33,6 +38,9 @@ WINDOW_OVERLAP = 0.25
 WINDOW_PATCHES = 3  # inference windows span up to this many training patches per axis
 PREPARED_CACHE_SIZE = 4
 TRANSFORM_CACHE_SIZE = 64
+MAX_WINDOW_BATCH = 16
+PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this (plus margins)
+CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 
 
@@ -82,6 +90,7 @@ class Prepared(NamedTuple):
     image: np.ndarray
     working: Geometry
     key: str  # volume_digest of the original volume, computed once per call
+    normalized: np.ndarray  # the normalised image on the original grid, which frames sample from
 
 
 class BoundedCache(OrderedDict):
@@ -97,23 +106,12 @@ class BoundedCache(OrderedDict):
             self.popitem(last=False)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but PyTorch sees no CUDA GPU (use auto or cpu)")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
-    return device
-
-
 def scale_prompts(prompts: PromptSet, grid: WorkingGrid) -> PromptSet:
     """Prompts in original IJK -> working-grid IJK."""
     boxes = [Box(tuple(grid.ijk_to_working(b.lo_ijk)), tuple(grid.ijk_to_working(b.hi_ijk))) for b in prompts.boxes]
     points = [Point(tuple(grid.ijk_to_working(p.ijk)), p.positive) for p in prompts.points]
-    return PromptSet(boxes, points)
+    oriented = [b.mapped(grid.ijk_to_working) for b in prompts.oriented_boxes]
+    return PromptSet(boxes, points, oriented)
 
 
 class Segmenter:
@@ -124,8 +122,6 @@ class Segmenter:
     """
 
     def __init__(self, weights=None, device: str = "auto", model=None) -> None:
-        import torch
-
         from .weights import load_weights
 
         self.device = resolve_device(device)
@@ -135,7 +131,10 @@ class Segmenter:
             model, self.card = model.to(self.device).eval(), {}
         self.model = model
         self.config = model.config
-        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "CPU"
+        self.device_name = device_name(self.device)
+        logger.info("running on %s", self.device_name)
+        self.window_batch = 0  # windows per forward pass; 0: as many as the device's free memory allows
+        self.framing = FrameSpec(**{"working_spacing_mm": self.config.working_spacing_mm, **self.config.extra.get("framing", {})})
         self._prepared = BoundedCache(PREPARED_CACHE_SIZE)
         self._tasks = BoundedCache(TASK_CACHE_SIZE)
         self._transforms = BoundedCache(TRANSFORM_CACHE_SIZE)
@@ -146,19 +145,20 @@ class Segmenter:
         key = volume_digest(volume)
         if key not in self._prepared:
             grid = WorkingGrid.for_volume(volume, self.config.working_spacing_mm)
-            image = grid.to_working(normalize_intensity(volume.array, volume.modality))
+            normalized = normalize_intensity(volume.array, volume.modality)
+            image = grid.to_working(normalized)
             working = Geometry(grid.working_spacing_ijk, volume.geometry.origin, volume.geometry.direction, grid.working_shape_kji)
-            self._prepared[key] = Prepared(grid, image, working, key)
+            self._prepared[key] = Prepared(grid, image, working, key, normalized)
         return self._prepared[key]
 
     @staticmethod
     def _channels(prepared: Prepared, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
         """Prompt channels on the working grid (`prepared` = `_prepare(volume)`) from prompts and/or a
         dense mask on the volume's grid."""
-        grid, image, working, _ = prepared
+        grid, image, working = prepared.grid, prepared.image, prepared.working
         channels = np.zeros((len(PROMPT_CHANNELS),) + image.shape, dtype=np.float32)
         if prompts is not None:
-            prompts.validate(volume.geometry, require_prompts=False)
+            prompts = prompts.validate(volume.geometry, require_prompts=False)  # boxes past the edge clipped
             channels = rasterize(scale_prompts(prompts, grid), working)
         if mask is not None:
             mask = np.asarray(mask)
@@ -185,8 +185,8 @@ class Segmenter:
         for number, (volume, annotation) in enumerate(items, 1):
             progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
             if isinstance(annotation, PromptSet):
-                annotation.validate(volume.geometry)
-                if not annotation.boxes and not any(p.positive for p in annotation.points):
+                annotation = annotation.validate(volume.geometry)
+                if not annotation.boxes and not annotation.oriented_boxes and not any(p.positive for p in annotation.points):
                     raise InputError(f"context {number}: only negative points; add a box or a positive point on the structure")
                 prompts, mask = annotation, None
             else:
@@ -239,34 +239,75 @@ class Segmenter:
         if new_prompts is not None and previous is None:
             raise InputError("new prompts mark a correction: give the previous mask as well")
         prepared = self._prepare(target)
-        grid, image, working, key = prepared
         all_prompts = target_prompts
-        if new_prompts is not None:
-            all_prompts = new_prompts if target_prompts is None else target_prompts
-        channels = self._channels(prepared, target, all_prompts, previous)
-        priors = None
-        if align_context and not guided and task.atlases:
+        if new_prompts is not None and target_prompts is None:
+            all_prompts = new_prompts
+        if guided:
+            return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress)
+        grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
+        channels = self._channels(prepared, target, None, None)
+        priors, roi = None, None
+        if align_context and task.atlases:
             priors = np.stack([atlas_prior(items, image, working, key, progress, self._transforms) for items in task.atlases])
-        roi = None
-        if new_prompts is not None and not new_prompts.is_empty():
-            roi = self._roi(self._channels(prepared, target, new_prompts, None)[:MASK_CHANNEL].max(axis=0) > 0)
-        elif guided:
-            # around the prompts when there are any, else the previous mask
-            drawn = channels[:MASK_CHANNEL].max(axis=0) > 0
-            roi = self._roi(drawn if drawn.any() else channels[MASK_CHANNEL] > 0)
+            # the aligned context says where to look in a volume larger than one window (a tighter crop
+            # than one window costs Dice: 0.720 -> 0.704 on 50 validation hippocampi, cross-weak k=1)
+            window = [WINDOW_PATCHES * p for p in self.config.patch_size]
+            roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, window)
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
-        if previous is not None:
-            probabilities[0] = channels[MASK_CHANNEL]
-        probabilities[(slice(None),) + roi] = self._sliding_window(image[roi], channels[(slice(None),) + roi], task, progress,
-                                                                   None if priors is None else priors[(slice(None),) + roi])
+        everywhere = (slice(None),) + roi
+        probabilities[everywhere] = self._sliding_window(image[roi], channels[everywhere], task, progress,
+                                                         None if priors is None else priors[everywhere])
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
-        changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n)) for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
-        if previous is not None:
-            outside = np.ones(target.geometry.shape_kji, dtype=bool)
-            outside[changed] = False
-            original[0][outside] = np.asarray(previous, dtype=np.float32)[outside]
+        changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
+                        for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
         return Prediction(original.astype(np.float32), list(task.names), changed)
+
+    def _segment_framed(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet | None,
+                        previous: np.ndarray | None, new_prompts: PromptSet | None, progress: ProgressCallback) -> Prediction:
+        """Propagation and correction in a prompt-centred frame where the structure has the size the
+        network knows (`weakicl.framing`); a correction's frame is centred on the new prompts only."""
+        if prompts is not None:
+            prompts = prompts.validate(target.geometry, require_prompts=False)  # boxes past the edge clipped
+        if new_prompts is not None:
+            new_prompts = new_prompts.validate(target.geometry, require_prompts=False)
+        previous_mask = None if previous is None else np.asarray(previous) > 0.5
+        if previous_mask is not None and previous_mask.shape != target.geometry.shape_kji:
+            raise InputError(f"previous mask shape {previous_mask.shape} does not match the target {target.geometry.shape_kji}")
+        extent = prompt_extent_kji(prompts, previous_mask)
+        if extent is None:
+            raise InputError("nothing to segment from: the prompts hold no box or positive point and the previous mask is empty")
+        spacing_kji = np.asarray(target.geometry.spacing, dtype=float)[::-1]
+        spacing = frame_spacing(*extent, spacing_kji, self.framing)
+        focus, spec = extent, self.framing
+        if new_prompts is not None and not new_prompts.is_empty():
+            marked = np.array([np.asarray(p.ijk)[::-1] for p in new_prompts.points]
+                              + [np.asarray(corner)[::-1] for b in new_prompts.boxes for corner in (b.lo_ijk, b.hi_ijk)]
+                              + [corner[::-1] for b in new_prompts.oriented_boxes for corner in b.corners_ijk()])
+            reach = CORRECTION_REACH_VOXELS * spacing / spacing_kji  # a click corrects its neighbourhood
+            focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
+            spec = dataclasses.replace(spec, margin_fraction=0.0)
+        frame = frame_around(*focus, spacing_kji, target.geometry.shape_kji, spacing, spec,
+                             minimum_voxels=max(self.config.patch_size))
+        channels = self._frame_channels(frame, prompts, previous_mask)
+        image = frame.sample(prepared.normalized)
+        framed = self._sliding_window(image, channels, task, progress)
+        region = frame.region(target.geometry.shape_kji)
+        probabilities = np.zeros((1,) + target.geometry.shape_kji, dtype=np.float32)
+        if previous_mask is not None:
+            probabilities[0] = previous_mask
+        probabilities[(slice(None),) + region] = np.clip(frame.paste(framed, region), 0.0, 1.0)
+        return Prediction(probabilities, list(task.names), region)
+
+    def _frame_channels(self, frame: Frame, prompts: PromptSet | None, previous_mask: np.ndarray | None) -> np.ndarray:
+        """Prompt channels rasterised directly in the frame (points keep their size in mm)."""
+        geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
+        channels = np.zeros((len(PROMPT_CHANNELS),) + frame.shape_kji, dtype=np.float32)
+        if prompts is not None:
+            channels = rasterize(frame.prompts_to_frame(prompts), geometry)
+        if previous_mask is not None:
+            channels[MASK_CHANNEL] = frame.sample(previous_mask.astype(np.float32), fill=0.0) >= 0.5
+        return channels
 
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
         return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
@@ -287,23 +328,39 @@ class Segmenter:
         # One window sees the whole region when it fits: cut structures and prompts lose context.
         patch = tuple(min(n, WINDOW_PATCHES * p) for n, p in zip(padded_image.shape, self.config.patch_size))
         windows = math.prod(_window_count(n, p) for n, p in zip(padded_image.shape, patch))
+        batch = self.window_batch if self.window_batch else self._fitting_window_batch(patch, classes)
         done = [0]
 
         def predict(window: torch.Tensor) -> torch.Tensor:
-            features = self.model.encode_image(window[:, :1])
-            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].expand(classes, -1, -1, -1, -1)
+            """[W, 1+5(+N), ...] windows -> [W, N, ...] logits: every class of every window in one pass."""
+            count = window.shape[0]
+            features = [f.repeat_interleave(classes, dim=0) for f in self.model.encode_image(window[:, :1])]
+            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat_interleave(classes, dim=0)
             if priors is not None:
                 prompts = prompts.clone()
-                prompts[:, MASK_CHANNEL] = window[0, 1 + len(PROMPT_CHANNELS):]
-            logits = self.model.decode(features, tokens, prompts)
-            done[0] += 1
+                prompts[:, MASK_CHANNEL] = window[:, 1 + len(PROMPT_CHANNELS):].flatten(0, 1)
+            logits = self.model.decode(features, tokens.repeat(count, 1, 1), prompts)
+            done[0] += count
             progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
-            return logits.transpose(0, 1)
+            return logits.reshape(count, classes, *logits.shape[2:])
 
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
-            logits = sliding_window_inference(inputs, patch, 1, predict, overlap=WINDOW_OVERLAP, mode="gaussian")
+            logits = sliding_window_inference(inputs, patch, batch, predict, overlap=WINDOW_OVERLAP, mode="gaussian")
         probabilities = torch.sigmoid(logits.float())[0].cpu().numpy()
         return probabilities[(slice(None),) + recover]
+
+    def _fitting_window_batch(self, window: tuple[int, int, int], classes: int) -> int:
+        """Windows per forward pass: 1 on the CPU (no gain there), on a GPU as many as half its free
+        memory holds (activations estimated from the widths of the network), at most MAX_WINDOW_BATCH."""
+        if self.device != "cuda":
+            return 1
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        voxels = math.prod(window)
+        # bf16 activations of encoder and decoder at every level, about four live tensors per level
+        per_window = sum(voxels / 8**level * width * 2 * 4 * (1 + classes) for level, width in enumerate(self.config.channels))
+        return int(max(1, min(MAX_WINDOW_BATCH, free // 2 // max(per_window, 1))))
 
     def _tensor(self, array: np.ndarray):
         import torch

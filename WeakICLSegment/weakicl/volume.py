@@ -6,18 +6,30 @@ Arrays are indexed [k, j, i]; voxel coordinates are IJK; physical coordinates ar
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import logging
 import os
+import struct
+import sys
+import tempfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from . import provenance as _provenance
 from .atomic import atomic_path
-from .errors import InputError
+from .errors import InputError, OutputExists
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-MASK_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+MASK_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")  # .dcm: DICOM SEG, for DICOM targets
+MAX_LABEL_VALUE = int(np.iinfo(np.uint16).max)  # label maps are written as uint8, or uint16 above 255
+MAX_NON_FINITE_FRACTION = 0.01  # more NaN/Inf voxels than this is a broken image, not a few bad voxels
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,12 +139,24 @@ def geometry_of(image) -> Geometry:
     return Geometry(image.GetSpacing(), image.GetOrigin(), np.reshape(image.GetDirection(), (3, 3)), image.GetSize()[::-1])
 
 
-def read_volume(path: str | os.PathLike, modality: str = "auto") -> Volume:
-    """Read a 3D scalar image (NIfTI, NRRD, MHA, ...) as a Volume."""
+def read_volume(path: str | os.PathLike, modality: str = "auto", series_uid: str | None = None) -> Volume:
+    """Read a 3D scalar image (NIfTI, NRRD, MHA, ...) as a Volume; a few NaN/Inf voxels are replaced
+    (see `replace_non_finite`), more are refused. A folder, DICOMDIR or DICOM file is read as a DICOM
+    series (`series_uid` picks one where there are several; see weakicl.dicom)."""
     sitk = _sitk()
     path = Path(path)
+    if path.is_dir() or path.name.upper() == "DICOMDIR" or (path.is_file() and (path.suffix.lower() == ".dcm" or _is_dicom_file(path))):
+        from .dicom import read_dicom
+
+        return read_dicom(path, modality, series_uid)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
+    try:
+        check_complete(path)
+    except (EOFError, zlib.error, ValueError) as error:
+        raise InputError(f"{path.name} is cut short or damaged ({error}); it cannot be read in full") from None
+    except OSError:
+        pass  # not gzip after all, or unreadable: ITK's reader says which
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -141,12 +165,48 @@ def read_volume(path: str | os.PathLike, modality: str = "auto") -> Volume:
         raise InputError(f"{path.name}: expected a scalar image, it has {image.GetNumberOfComponentsPerPixel()} components")
     if image.GetDimension() != 3:
         raise InputError(f"{path.name}: expected a 3D image, it is {image.GetDimension()}D")
-    return Volume(sitk.GetArrayFromImage(image), geometry_of(image), modality)
+    return Volume(replace_non_finite(sitk.GetArrayFromImage(image), path.name), geometry_of(image), modality)
+
+
+def replace_non_finite(array: np.ndarray, source: str) -> np.ndarray:
+    """NaN/Inf voxels (a broken slice, a failed reconstruction) would poison normalisation: up to
+    MAX_NON_FINITE_FRACTION of them are set to the image minimum with a warning, more are refused."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count == 0:
+        return array
+    if count > MAX_NON_FINITE_FRACTION * array.size:
+        raise InputError(f"{source}: {count} of {array.size} voxels ({100 * count / array.size:.1f} %) are NaN or infinite "
+                         f"(at most {100 * MAX_NON_FINITE_FRACTION:g} % can be repaired)")
+    minimum = float(array[~bad].min())
+    log.warning("%s: %d NaN or infinite voxels set to the image minimum %g", source, count, minimum)
+    array = array.copy()
+    array[bad] = minimum
+    return array
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM part-10 file ("DICM" after a 128-byte preamble), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def read_label_map(path: str | os.PathLike, geometry: Geometry | None = None) -> np.ndarray:
-    """Read an integer label image; with `geometry`, require it to lie on that grid."""
-    volume = read_volume(path)
+    """Read an integer label image (a .seg.nrrd through slicerio, layers flattened); with `geometry`,
+    require it to lie on that grid."""
+    if str(path).lower().endswith(".seg.nrrd"):
+        from .segfiles import read_segmentation
+
+        segments = read_segmentation(path)
+        volume = Volume(segments.label_map(), segments.geometry)
+    else:
+        volume = read_volume(path)
     if geometry is not None and not volume.geometry.same_grid(geometry, tolerance=1e-3):
         raise InputError(f"{Path(path).name}: the label image does not lie on the grid of its image")
     return np.rint(volume.array).astype(np.int32)
@@ -160,42 +220,78 @@ def _mask_suffix(path: Path) -> str:
     raise InputError(f"output must end with one of {', '.join(MASK_SUFFIXES)}: {path.name}")
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail before any work when an output could not be written."""
+def check_output_path(path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Fail before any work when an output could not be written (the write re-checks `overwrite`)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name ending with one of {', '.join(MASK_SUFFIXES)}")
     _mask_suffix(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder does not exist: {path.parent}")
     if not os.access(path.parent, os.W_OK):
         raise InputError(f"output folder is not writable: {path.parent}")
+    if not overwrite and os.path.lexists(path):
+        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
     return path
 
 
 SEGMENT_COLOURS = [(0.9, 0.3, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.8, 0.2), (0.7, 0.3, 0.8), (0.2, 0.8, 0.8)]
 
 
-def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, names: list[str]) -> Path:
-    """Write binary masks (N,K,J,I) as a label map (class n -> value n+1) or a Slicer .seg.nrrd, atomically."""
-    path = check_output_path(path)
+def checked_masks(masks: np.ndarray, geometry: Geometry, names: list[str],
+                  values: list[int] | None) -> tuple[np.ndarray, list[int]]:
+    """Masks as (N, K, J, I) bool and their label values (default n+1), checked against the grid and names."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim == 3:
         masks = masks[None]
-    if masks.shape[1:] != geometry.shape_kji or len(names) != masks.shape[0]:
-        raise InputError("masks, geometry and names do not agree")
-    labels = np.zeros(geometry.shape_kji, dtype=np.uint8)
-    for index in range(masks.shape[0]):
-        labels[masks[index] & (labels == 0)] = index + 1
-    image = image_on_grid(labels, geometry)
+    values = list(range(1, len(names) + 1)) if values is None else [int(v) for v in values]
+    if masks.shape[1:] != geometry.shape_kji or len(names) != masks.shape[0] or len(values) != len(names):
+        raise InputError("masks, geometry, names and label values do not agree")
+    return masks, values
+
+
+def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, names: list[str],
+               values: list[int] | None = None, overwrite: bool = True, provenance: dict | None = None) -> Path:
+    """Write binary masks (N,K,J,I) as a label map, a Slicer .seg.nrrd (weakicl.segfiles, overlaps in
+    layers) or, on the grid of a DICOM series, a DICOM SEG (.dcm, weakicl.dicom), atomically (see `atomic_path`).
+
+    Class n gets label value `values[n]` (default n+1), so label values of a dense context come out
+    unchanged; the file is uint8 when every value fits, uint16 otherwise. Without `overwrite` an
+    existing file, even one that appears during the write, raises OutputExists. `provenance`
+    (weakicl.provenance.provenance()) goes into the NRRD/MHA header, or a sidecar JSON beside NIfTI.
+    """
+    path = check_output_path(path, overwrite)
+    masks, values = checked_masks(masks, geometry, names, values)
+    if len(set(values)) != len(values) or min(values, default=1) < 1 or max(values, default=1) > MAX_LABEL_VALUE:
+        raise InputError(f"label values must be distinct and within 1-{MAX_LABEL_VALUE}, got {values}")
     if _mask_suffix(path) == ".seg.nrrd":
-        _add_segment_metadata(image, names)
-    _write_atomically(image, path, _mask_suffix(path))
+        from .segfiles import write_segmentation
+
+        return write_segmentation(path, masks, geometry, names, values, overwrite, provenance)
+    if _mask_suffix(path) == ".dcm":
+        from .dicom import write_dicom_seg
+
+        return write_dicom_seg(path, masks, geometry, names, overwrite, provenance)
+    labels = np.zeros(geometry.shape_kji, dtype=np.uint8 if max(values, default=1) <= 255 else np.uint16)
+    for index, value in enumerate(values):
+        labels[masks[index] & (labels == 0)] = value
+    image = image_on_grid(labels, geometry)
+    _record_provenance(image, path, provenance)
+    _write_atomically(image, path, _mask_suffix(path), overwrite)
+    if provenance is not None and not _provenance.in_header(path):
+        _provenance.write_sidecar(path, provenance)
     return path
 
 
-def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
-    """Write an image with its geometry, atomically."""
-    path = check_output_path(path)
-    _write_atomically(image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path))
+def _record_provenance(image, path: Path, record: dict | None) -> None:
+    if record is not None and _provenance.in_header(path):
+        image.SetMetaData(_provenance.HEADER_KEY, _provenance.header_value(record))
+
+
+def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = True) -> Path:
+    """Write an image with its geometry, atomically (see `atomic_path`)."""
+    path = check_output_path(path, overwrite)
+    _write_atomically(image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path), overwrite)
     return path
 
 
@@ -208,26 +304,71 @@ def image_on_grid(array: np.ndarray, geometry: Geometry):
     return image
 
 
-def _write_atomically(image, path: Path, suffix: str) -> None:
-    with atomic_path(path, suffix) as temporary:
-        _sitk().WriteImage(image, str(temporary), True)
+def _write_atomically(image, path: Path, suffix: str, overwrite: bool) -> None:
+    sitk = _sitk()
+    expected = sitk.GetArrayFromImage(image)
+    geometry = geometry_of(image)
+
+    finite = np.isfinite(expected) if np.issubdtype(expected.dtype, np.floating) else slice(None)
+
+    def verify(temporary: Path) -> None:
+        if temporary.stat().st_size == 0:
+            raise ValueError("nothing was written")
+        check_complete(temporary)
+        back = sitk.ReadImage(str(temporary))
+        # NaN voxels are not compared: ITK's NIfTI reader turns them into zeros
+        if not geometry_of(back).same_grid(geometry, tolerance=1e-3) or \
+                not np.array_equal(sitk.GetArrayViewFromImage(back)[finite], expected[finite]):
+            raise ValueError("the voxels read back differ from those written")
+
+    with atomic_path(path, suffix, overwrite=overwrite, verify=verify) as temporary, _c_stderr_to_debug_log():
+        sitk.WriteImage(image, str(temporary), True)
 
 
-def _add_segment_metadata(image, names: list[str]) -> None:
-    """Slicer's segmentation NRRD fields, so segments open with their names and colours."""
-    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
-    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
-    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
-    extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
-    for index, name in enumerate(names):
-        colour = SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)]
-        prefix = f"Segment{index}_"
-        image.SetMetaData(prefix + "ID", f"Segment_{index + 1}")
-        image.SetMetaData(prefix + "Name", name)
-        image.SetMetaData(prefix + "NameAutoGenerated", "0")
-        image.SetMetaData(prefix + "Color", " ".join(f"{c:g}" for c in colour))
-        image.SetMetaData(prefix + "ColorAutoGenerated", "0")
-        image.SetMetaData(prefix + "LabelValue", str(index + 1))
-        image.SetMetaData(prefix + "Layer", "0")
-        image.SetMetaData(prefix + "Extent", extent)
-        image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
+@contextmanager
+def _c_stderr_to_debug_log() -> Iterator[None]:
+    """ITK's NIfTI library prints its own failures ("** ERROR: NWAD: wrote only ...") on the process's
+    stderr; they go to the debug log instead, so a failed write reports one line (WriteError's)."""
+    try:
+        saved, capture = os.dup(2), tempfile.TemporaryFile()
+    except OSError:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        os.dup2(capture.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode(errors="replace").strip()
+        capture.close()
+        if text:
+            log.debug("from the image writer: %s", text)
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise when a gzip stream (EOFError, zlib.error) or an uncompressed NIfTI file (ValueError) is cut
+    short: ITK reads both without complaint, filling the missing voxels with zeros (a truncated mask
+    looks empty). Other files pass: ITK's own reader checks them."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        with gzip.open(path, "rb") as stream:  # EOFError or BadGzipFile (an OSError) when cut short
+            while stream.read(1 << 22):
+                pass
+    elif name.endswith(".nii"):
+        with open(path, "rb") as handle:
+            header = handle.read(540)
+        # (header size, dim, bitpix, vox_offset) layouts of NIfTI-1 and NIfTI-2
+        for size, dim_format, dim_at, bits_at, offset_format, offset_at in ((348, "8h", 40, 72, "f", 108), (540, "8q", 16, 14, "q", 168)):
+            for order in "<>":
+                if len(header) >= size and struct.unpack_from(order + "i", header, 0)[0] == size:
+                    dims = struct.unpack_from(order + dim_format, header, dim_at)
+                    bits = struct.unpack_from(order + "h", header, bits_at)[0]
+                    offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
+                    needed = int(offset) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bits // 8
+                    if path.stat().st_size < needed:
+                        raise ValueError(f"{path.stat().st_size} bytes where the header needs {needed}")
+                    return

@@ -16,6 +16,7 @@ from .errors import WeightsError
 
 WEIGHTS_ENV = "WEAKICL_WEIGHTS"
 SHIPPED_NAME = "weakicl-0.1.safetensors"
+PACKAGED_FOLDER = "_weights"  # inside the installed package; filled by setup.py, never in git
 
 
 def card_path(weights_path: str | os.PathLike) -> Path:
@@ -30,15 +31,22 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_folders() -> list[Path]:
+    """Where shipped weights may sit, in lookup order: inside an installed wheel (`_weights`, copied
+    there by setup.py at build time), then the checkout's or the Slicer extension's `model_weights/`."""
+    package = Path(__file__).resolve().parent
+    return [package / PACKAGED_FOLDER, package.parent.parent / "model_weights", package.parent / "model_weights"]
+
+
 def default_weights_path() -> Path:
-    """$WEAKICL_WEIGHTS, else the repository's (or Slicer module's) model_weights folder."""
+    """$WEAKICL_WEIGHTS, else the first of `weights_folders()` that holds the shipped weights."""
     if os.environ.get(WEIGHTS_ENV):
         return Path(os.environ[WEIGHTS_ENV])
-    package = Path(__file__).resolve().parent
-    for folder in (package.parent.parent / "model_weights", package.parent / "model_weights", package / "model_weights"):
+    folders = weights_folders()
+    for folder in folders:
         if (folder / SHIPPED_NAME).is_file():
             return folder / SHIPPED_NAME
-    return package.parent.parent / "model_weights" / SHIPPED_NAME
+    return folders[1] / SHIPPED_NAME
 
 
 def save_weights(model, path: str | os.PathLike, card: dict) -> Path:

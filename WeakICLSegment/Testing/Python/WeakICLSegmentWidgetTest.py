@@ -27,6 +27,10 @@ class WeakICLSegmentWidgetTest(ScriptedLoadableModuleTest):
         self.test_BoxButtonEntersPlaceMode()
         self.setUp()
         self.test_StateSurvivesSceneSaveAndLoad()
+        self.setUp()
+        self.test_ShortcutsDoNothingWhileTheirButtonIsDisabled()
+        self.setUp()
+        self.test_GuiIsBoundOnceHoweverOftenTheModuleIsEntered()
 
     def test_ParametersFollowTheGui(self) -> None:
         parameters = self.widget.logic.getParameterNode()
@@ -64,3 +68,26 @@ class WeakICLSegmentWidgetTest(ScriptedLoadableModuleTest):
         self.assertEqual(restored.segmentName, "spleen")
         self.assertEqual(restored.targetVolume.GetName(), "CT")
         self.assertEqual(len(self.widget.logic.contextEntries()), 1)
+
+    def test_ShortcutsDoNothingWhileTheirButtonIsDisabled(self) -> None:
+        """Defect 8 of issue 14: Alt+S with no target volume must not segment (nor create a node)."""
+        self.widget.enter()
+        self.widget.logic.getParameterNode().targetVolume = None
+        self.assertFalse(self.widget.ui.segmentButton.enabled)
+        before = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+        for shortcut in self.widget._shortcuts:
+            if shortcut.key.toString() == "Alt+S":
+                shortcut.activated()  # PythonQt: calling a signal emits it
+        self.assertEqual(slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems(), before)
+        self.widget.exit()
+
+    def test_GuiIsBoundOnceHoweverOftenTheModuleIsEntered(self) -> None:
+        """Defect 7 of issue 14: entering the module again must not add GUI connections (5.6/5.8)."""
+        for _ in range(3):
+            self.widget.enter()
+            self.widget.exit()
+        parameters = self.widget._parameterNode
+        self.assertEqual(len(parameters._parameterGUIs), 1)
+        self.widget.setParameterNode(None)
+        self.assertEqual(len(parameters._parameterGUIs), 0)
+        self.widget.initializeParameterNode()

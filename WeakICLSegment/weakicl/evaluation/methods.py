@@ -18,7 +18,8 @@ MODEL, UNALIGNED = "model", "model-unaligned"
 
 class ModelMethod(Method):
     """The network exactly as a user drives it: encode the context, segment the target, and for
-    corrections segment again with the boxes plus the clicks so far and the previous mask.
+    corrections segment again with the boxes plus the clicks so far, the previous mask, and the
+    newest click marked as new (only its neighbourhood is recomputed).
     `align_context=False` is the ablation without the atlas prior (task tokens alone)."""
 
     def __init__(self, segmenter, weights: Path, align_context: bool = True) -> None:
@@ -30,8 +31,9 @@ class ModelMethod(Method):
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
         task = self.segmenter.encode_context(trial.context, trial.structure.name)  # cached: encoded once per trial
         prompts = (trial.prompts or PromptSet()) + PromptSet(points=list(clicks))
+        new = PromptSet(points=list(clicks[-1:])) if clicks and previous is not None else None
         prediction = self.segmenter.segment(trial.volume, task, None if prompts.is_empty() else prompts, previous,
-                                            align_context=self.align_context)
+                                            new_prompts=new, align_context=self.align_context)
         return prediction.masks[0]
 
     def describe(self) -> dict:

@@ -35,6 +35,8 @@ class Settings:
     start: str = "propagate"
     clicks: int = 5
     seed: int = 0
+    jitter: float = 0.0  # each box side moves by up to this fraction of the box, as hands draw them
+    context_collection: str = "same"  # "other": context subjects from another collection (CT for MR and back)
 
     @property
     def uses_context_subjects(self) -> bool:
@@ -44,10 +46,13 @@ class Settings:
     def label(self) -> str:
         """Short human name, also the key of this variant in results.json."""
         prompts = f"{self.slices} {'box' if self.prompt_kind == 'boxes' else 'point'} slice{'s' if self.slices > 1 else ''}"
+        if self.jitter:
+            prompts += f", jitter {self.jitter:g}"
         if self.protocol == "propagate":
             return f"propagate ({prompts})"
         if self.protocol in CROSS:
-            return f"{self.protocol} (k={self.k})"
+            source = ", other collection" if self.context_collection == "other" else ""
+            return f"{self.protocol} (k={self.k}{source})"
         start = f"cross-weak k={self.k}" if self.start == "cross-weak" else f"propagate, {prompts}"
         return f"interactive ({start}, {self.clicks} click{'s' if self.clicks != 1 else ''})"
 
@@ -57,8 +62,9 @@ def structure_rng(settings: Settings, structure: Structure) -> np.random.Generat
 
 
 def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generator) -> PromptSet:
-    """Tight axial boxes (array axis 0) on the protocol's slices, or one interior point on each of them."""
-    boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0)
+    """Axial boxes (array axis 0) on the protocol's slices, tight or loosened/tightened by `jitter`, or
+    one interior point on each of them."""
+    boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0, jitter=settings.jitter, rng=rng)
     if settings.prompt_kind == "boxes":
         return boxes
     points = []
@@ -70,13 +76,15 @@ def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generato
 
 
 def context_subjects(structure: Structure, pool: list[Structure], settings: Settings) -> list[Structure]:
-    """`k` other subjects of the same collection with the same structure, chosen by the seeded generator.
+    """`k` other subjects with the same structure, of the same collection (or, with
+    `context_collection="other"`, of another one: another modality), chosen by the seeded generator.
 
     The order is a seeded permutation, so the k=1 subject is the first of the k=3 subjects.
     """
+    same = settings.context_collection == "same"
     candidates = sorted(
         (other for other in pool
-         if other.case.id != structure.case.id and other.case.collection == structure.case.collection
+         if other.case.id != structure.case.id and (other.case.collection == structure.case.collection) == same
          and other.name == structure.name and other.group == structure.group),
         key=lambda other: other.key)
     order = structure_rng(settings, structure).permutation(len(candidates))
@@ -154,7 +162,7 @@ def build_trial(structure: Structure, settings: Settings, pool: list[Structure])
         return Trial(structure, volume, prompts, [(volume, prompts)])
     subjects = context_subjects(structure, pool, settings)
     if len(subjects) < settings.k:
-        raise NotApplicable(f"fewer than {settings.k} other subject(s) of the same collection have this structure")
+        raise NotApplicable(f"fewer than {settings.k} other subject(s) of the {settings.context_collection} collection have this structure")
     dense = settings.protocol == "cross-dense"
     context = []
     for subject in subjects:

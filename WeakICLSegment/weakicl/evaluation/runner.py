@@ -7,7 +7,6 @@ Imported when the `weakicl` parser is built, so heavy modules are imported insid
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,9 +14,11 @@ from pathlib import Path
 from ..errors import InputError
 from . import DEFAULT_METHODS, METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
 
+PATH_ARGUMENTS = ("manifest", "out", "weights")
+
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_arguments
+    from ..cli_common import add_model_arguments
 
     parser.add_argument("--manifest", required=True, help="manifest JSON of cases (image, label, labels, modality, splits)")
     parser.add_argument("--split", help="evaluate the cases of this split of the manifest (e.g. validation)")
@@ -31,6 +32,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3], help="context subjects for cross protocols (default: 1 3)")
     parser.add_argument("--start", choices=("propagate", "cross-weak"), default="propagate", help="first prediction of interactive")
     parser.add_argument("--clicks", type=int, default=5, help="corrective clicks in interactive (default: 5)")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="move each box side by up to this fraction of the box (0.1: loose or tight by a few voxels, "
+                             "as people draw); default 0: tight boxes")
+    parser.add_argument("--context-collection", choices=("same", "other"), default="same",
+                        help="cross protocols: context subjects from the same collection (default) or from another "
+                             "one with the same structure name (e.g. the abdominal CT as context for the abdominal MR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, context choice and bootstrap (default: 0)")
     parser.add_argument("--limit", type=int, help="only the first N cases of each group (quick checks)")
     parser.add_argument("--out", required=True, help="output folder for results.json, report.md and figures/")
@@ -46,11 +53,15 @@ def expand_settings(args: argparse.Namespace) -> list:
         raise InputError(f"unknown protocol {unknown[0]!r} (choose from {', '.join(PROTOCOLS)})")
     if args.slices < 1 or args.clicks < 0 or min(args.k) < 1:
         raise InputError("--slices and --k must be at least 1 and --clicks at least 0")
+    if not 0.0 <= args.jitter < 0.5:
+        raise InputError("--jitter must be in [0, 0.5)")
     settings = []
     for protocol in dict.fromkeys(args.protocol):
-        base = Settings(protocol, args.slices, args.prompt_kind, args.k[0], args.start, args.clicks, args.seed)
+        base = Settings(protocol, args.slices, args.prompt_kind, args.k[0], args.start, args.clicks, args.seed, args.jitter,
+                        args.context_collection)
         if base.uses_context_subjects:
-            settings += [Settings(protocol, args.slices, args.prompt_kind, k, args.start, args.clicks, args.seed)
+            settings += [Settings(protocol, args.slices, args.prompt_kind, k, args.start, args.clicks, args.seed, args.jitter,
+                                  args.context_collection)
                          for k in dict.fromkeys(args.k)]
         else:
             settings.append(base)
@@ -72,6 +83,7 @@ def first_cases(structures: list, limit: int | None) -> list:
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..provenance import portable_command, portable_path
     from .figures import draw_all
     from .manifest import MIN_VOXELS, load_case, read_manifest, select_structures, structure_mask
     from .methods import build_methods
@@ -98,13 +110,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
             records += [evaluate(method, structure, setting, evaluable) for method in methods]
     load_case.cache_clear()
     summary = summarise(records, args.seed)
-    descriptions = {method.name: method.describe() for method in methods}
+    # shipped reports record paths relative to the working folder, never this machine's absolute paths
+    descriptions = {method.name: {key: portable_path(value) if key == "weights" else value
+                                  for key, value in method.describe().items()} for method in methods}
     run = {
-        "command": shlex.join(sys.argv),
-        "arguments": {key: value for key, value in vars(args).items() if key != "run"},
-        "manifest": str(Path(args.manifest).resolve()),
+        "command": portable_command(sys.argv),
+        "arguments": {key: portable_path(value) if key in PATH_ARGUMENTS and value else value
+                      for key, value in vars(args).items() if key != "run"},
+        "manifest": portable_path(args.manifest),
         "settings": {"slices": args.slices, "prompt_kind": args.prompt_kind, "k": args.k, "start": args.start,
-                     "clicks": args.clicks, "seed": args.seed, "slice_axis": "k (array axis 0)"},
+                     "clicks": args.clicks, "seed": args.seed, "jitter": args.jitter, "context_collection": args.context_collection, "slice_axis": "k (array axis 0)"},
         "methods": descriptions,
         "weights_sha256": descriptions.get("model", {}).get("weights_sha256"),
         "growcut_backend": descriptions.get("growcut", {}).get("backend"),
@@ -117,7 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(out / "results.json", run, records, summary)
-    write_report(out / "report.md", run, records, summary, draw_all(records, summary, out / "figures"))
+    write_report(out / "report.md", run, [r.as_dict() for r in records], summary, draw_all(records, summary, out / "figures"))
     print(f"evaluated {len(evaluable)} structures ({len(skipped)} skipped) in {run['seconds_total']:.0f} s; "
           f"report: {out / 'report.md'}")
     return 0

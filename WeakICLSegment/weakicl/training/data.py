@@ -96,6 +96,9 @@ def prepare_cache(manifest: str | Path, out_dir: str | Path, spacing_mm: float =
     return path
 
 
+FRAME_SCALE_JITTER = (0.8, 1.2)  # framed patches: the structure's size varies as prompted extents do
+
+
 @dataclass
 class CachedCase:
     id: str
@@ -135,17 +138,21 @@ class CachedSubjects:
     """Draws real subjects for episodes: a collection, one of its structures, a target and references.
 
     Patches are centred near the structure with a random offset and scale; structures larger than the
-    patch are sometimes zoomed out to fit whole. Flips are shared by all subjects of an episode;
+    patch are sometimes zoomed out to fit whole. With `frame_fill`, every structure is scaled so that its
+    longest side fills about that fraction of the patch, as the engine frames prompted structures
+    (`weakicl.framing`). Flips are shared by all subjects of an episode;
     intensity changes are per subject. References come from other subjects of the same collection
     with the structure; a collection with one such subject uses other crops of the same volume.
     """
 
-    def __init__(self, cases: list[CachedCase], patch_size: tuple[int, int, int], collection_weights: dict | None = None, fit_fraction: float = 0.5) -> None:
+    def __init__(self, cases: list[CachedCase], patch_size: tuple[int, int, int], collection_weights: dict | None = None,
+                 fit_fraction: float = 0.5, frame_fill: float | None = None) -> None:
         if not cases:
             raise InputError("the training cache holds no training cases")
         self.cases = cases
         self.patch = np.array(patch_size)
         self.fit_fraction = fit_fraction
+        self.frame_fill = frame_fill
         self.tasks: dict[str, dict[int, list[int]]] = {}
         for number, case in enumerate(cases):
             for value in case.structures:
@@ -181,7 +188,9 @@ class CachedSubjects:
         structure = case.structures[value]
         lo, hi, anchors = structure["lo"], structure["hi"], structure["anchors"]
         extent = hi - lo + 1
-        if extent.max() > 0.85 * self.patch.min() and rng.random() < self.fit_fraction:
+        if self.frame_fill is not None:
+            scale = extent.max() / (self.frame_fill * self.patch.min()) * rng.uniform(*FRAME_SCALE_JITTER)
+        elif extent.max() > 0.85 * self.patch.min() and rng.random() < self.fit_fraction:
             scale = extent.max() * 1.15 / self.patch.min()
         else:
             scale = rng.uniform(0.85, 1.15)

@@ -53,6 +53,7 @@ class EpisodeConfig:
     box_jitter: float = 0.1
     point_radius_mm: float = 4.0
     fit_fraction: float = 0.5
+    frame_fill: float | None = None  # real patches: the structure's longest side fills this fraction (inference framing)
     axis_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)
 
     def __post_init__(self) -> None:

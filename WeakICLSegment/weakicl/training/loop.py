@@ -69,6 +69,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     dice_weight: float = 1.0
     bce_weight: float = 1.0
+    click_loss_weight: float = 0.0  # extra BCE weight within the target's point prompts (clicks must count)
     self_prediction_fraction: float = 0.3
     validation_cases: int = 4
     validate_every: int = 200
@@ -163,19 +164,33 @@ def episode_logits(model, episodes: list, device: str):
     return logits.float(), tensor(masks)[:, None]
 
 
-def segmentation_loss(logits, targets, dice_weight: float, bce_weight: float):
-    """(Soft Dice + BCE loss, hard Dice per class) averaged over classes."""
+def segmentation_loss(logits, targets, dice_weight: float, bce_weight: float, voxel_weights=None):
+    """(Soft Dice + BCE loss, hard Dice per class) averaged over classes; `voxel_weights` (like
+    `targets`) weight the BCE, e.g. more where the user clicked."""
     import torch
     import torch.nn.functional as F
 
     probabilities = torch.sigmoid(logits).flatten(1)
     truth = targets.flatten(1)
     soft = 1 - (2 * (probabilities * truth).sum(1) + 1) / (probabilities.sum(1) + truth.sum(1) + 1)
-    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, weight=voxel_weights)
     with torch.no_grad():
         hard = (logits.flatten(1) > 0).float()
         dice = (2 * (hard * truth).sum(1) + 1e-6) / (hard.sum(1) + truth.sum(1) + 1e-6)
     return dice_weight * soft.mean() + bce_weight * bce, dice
+
+
+def click_weights(episodes: list, weight: float, device: str):
+    """BCE weights [N,1,D,H,W]: 1 + `weight` inside the target's positive/negative point spheres, so a
+    click's neighbourhood ends up on the click's side; None when `weight` is 0."""
+    import torch
+
+    from .episodes import POINT_CHANNELS
+
+    if not weight:
+        return None
+    points = np.concatenate([episode.target_prompts[:, POINT_CHANNELS].max(axis=1) for episode in episodes])
+    return torch.from_numpy(1.0 + weight * points[:, None].astype(np.float32)).to(device)
 
 
 def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
@@ -251,6 +266,12 @@ def save_checkpoint(folder: Path, model, ema, optimizer, state: TrainState, conf
     _write_atomic(folder / "state.json", lambda path: path.write_text(json.dumps(document, indent=1) + "\n"))
 
 
+def _architecture(net: dict) -> dict:
+    """The parts of a network configuration that shape its parameters (`extra` holds inference settings
+    such as the framing, which a continued run may change)."""
+    return {key: value for key, value in net.items() if key != "extra"}
+
+
 def load_checkpoint(folder: Path, model, ema, optimizer, config: TrainConfig) -> TrainState:
     import torch
     from safetensors.torch import load_file
@@ -260,7 +281,7 @@ def load_checkpoint(folder: Path, model, ema, optimizer, config: TrainConfig) ->
     if not (folder / "state.json").is_file():
         raise InputError(f"no checkpoint to resume in {folder} (expected state.json)")
     document = json.loads((folder / "state.json").read_text())
-    if document["config"]["net"] != config.net:
+    if _architecture(document["config"]["net"]) != _architecture(config.net):
         raise InputError("the checkpoint was trained with another network configuration than --config gives")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
@@ -378,7 +399,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     import torch
 
     from ..network import NetConfig, WeakICLNet
-    from ..session import resolve_device
+    from ..devices import resolve_device
     from ..weights import save_weights
     from .data import CachedSubjects, load_cases, read_index
     from .episodes import EpisodeConfig, EpisodeSampler
@@ -394,7 +415,8 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         raise InputError(f"invalid training config: {error}") from None
     real, validation_cases, collections = None, [], ["synthetic"]
     if config.cache:
-        real = CachedSubjects(load_cases(config.cache, "train"), net_config.patch_size, config.collection_weights, episode_config.fit_fraction)
+        real = CachedSubjects(load_cases(config.cache, "train"), net_config.patch_size, config.collection_weights,
+                              episode_config.fit_fraction, episode_config.frame_fill)
         validation_cases = load_cases(config.cache, "validation", limit=config.validation_cases)
         collections += sorted({entry["collection"] for entry in read_index(config.cache)["cases"] if entry["split"] == "train"})
     sampler = EpisodeSampler(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, real)
@@ -431,7 +453,8 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
             group["lr"] = learning_rate(config, state.step)
         with autocast():
             logits, targets = episode_logits(model, episodes, device)
-            loss, dice = segmentation_loss(logits, targets, config.dice_weight, config.bce_weight)
+            loss, dice = segmentation_loss(logits, targets, config.dice_weight, config.bce_weight,
+                                           click_weights(episodes, config.click_loss_weight, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

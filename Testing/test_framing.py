@@ -1,0 +1,67 @@
+"""Prompt-centred frames: geometry round trips and scale normalisation (no network)."""
+
+import numpy as np
+import pytest
+
+from conftest import ellipsoid
+from weakicl.framing import FrameSpec, frame_around, frame_spacing, prompt_extent_kji
+from weakicl.prompts import Box, Point, PromptSet, rasterize
+from weakicl.volume import Geometry
+
+
+@pytest.mark.parametrize("spacing_kji", [(1.0, 1.0, 1.0), (6.5, 0.78, 0.78), (3.0, 3.0, 3.0)])
+def test_scale_normalised_frames_are_isotropic_and_fit_the_structure_to_the_same_size(spacing_kji):
+    spec = FrameSpec(extent_voxels=28)
+    lo, hi = np.array([10.0, 20.0, 30.0]), np.array([16.0, 80.0, 70.0])
+    spacing = frame_spacing(lo, hi, spacing_kji, spec)
+    assert np.allclose(spacing, spacing[0])  # isotropic, whatever the slice thickness
+    extent_mm = (hi - lo + 1) * np.asarray(spacing_kji)
+    # the longest side spans 28 frame voxels unless the thinnest would then span fewer than 8
+    expected = max(min(extent_mm.max() / 28.0, extent_mm.min() / spec.min_thickness_voxels), spec.min_spacing_mm)
+    assert spacing[0] == pytest.approx(expected)
+    assert extent_mm.max() / spacing[0] >= 28.0 - 1e-6 and extent_mm.min() / spacing[0] >= spec.min_thickness_voxels - 1e-6
+
+
+def test_working_grid_framing_keeps_the_weights_own_spacing():
+    spacing = frame_spacing(np.zeros(3), np.full(3, 50.0), (3.0, 0.5, 0.5), FrameSpec(working_spacing_mm=1.0))
+    np.testing.assert_allclose(spacing, (3.0, 1.0, 1.0))
+
+
+def test_sample_then_paste_returns_the_original_inside_the_frame():
+    shape = (40, 60, 50)
+    truth = ellipsoid(shape, (20, 30, 25), (8, 12, 10)).astype(np.float32)
+    spacing_kji = np.array([2.0, 1.0, 1.0])
+    lo, hi = np.array([12.0, 18.0, 15.0]), np.array([28.0, 42.0, 35.0])
+    spec = FrameSpec(extent_voxels=30)
+    frame = frame_around(lo, hi, spacing_kji, shape, frame_spacing(lo, hi, spacing_kji, spec), spec, minimum_voxels=16)
+    assert all(n % spec.multiple == 0 for n in frame.shape_kji)
+    region = frame.region(shape)
+    back = frame.paste(frame.sample(truth), region) >= 0.5
+    agreement = (back == (truth[region] >= 0.5)).mean()
+    assert agreement > 0.99
+
+
+def test_prompts_land_in_the_frame_where_the_image_puts_them():
+    shape = (30, 64, 64)
+    spacing_kji = np.array([3.0, 1.0, 1.0])
+    box = Box((20.0, 22.0, 14.0), (40.0, 44.0, 14.0))  # a slice box on k = 14
+    point = Point((30.0, 33.0, 16.0), positive=True)
+    prompts = PromptSet([box], [point])
+    lo, hi = prompt_extent_kji(prompts, None)
+    np.testing.assert_allclose(lo, (14, 22, 20))
+    spec = FrameSpec(extent_voxels=24)
+    frame = frame_around(lo, hi, spacing_kji, shape, frame_spacing(lo, hi, spacing_kji, spec), spec, minimum_voxels=16)
+    framed = frame.prompts_to_frame(prompts)
+    assert framed.boxes[0].thin_axes() == [2]  # still a slice box of the same axis
+    geometry = Geometry(tuple(frame.spacing_kji[::-1]), (0, 0, 0), np.eye(3), frame.shape_kji)
+    channels = rasterize(framed, geometry)
+    marked = np.zeros(shape, dtype=np.float32)
+    marked[14, 22:45, 20:41] = 1.0
+    sampled = frame.sample(marked, order=0, fill=0.0)
+    box_k = int(round(framed.boxes[0].lo_ijk[2]))
+    assert channels[0, box_k].sum() > 0 and sampled[box_k].sum() > 0
+    overlap = (channels[0, box_k] > 0) & (sampled[box_k] > 0)
+    assert overlap.sum() / max((sampled[box_k] > 0).sum(), 1) > 0.9
+    centre = np.argwhere(channels[2] == channels[2].max())[0]
+    expected = (np.array([16.0, 33.0, 30.0]) - frame.origin_kji) / frame.step_kji
+    np.testing.assert_allclose(centre, expected, atol=1.0)

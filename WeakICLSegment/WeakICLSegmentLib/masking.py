@@ -1,0 +1,99 @@
+"""Where the module may write a segment: the Segment Editor's masking settings, other segments, and
+edits made by hand since the module last wrote.
+
+The module never changes another segment. The Segment Editor's settings for the segmentation are
+honoured the way its effects do: the *editable area* (everywhere, inside/outside all or visible
+segments, inside one segment), the *editable intensity range* of the source volume, and *modify other
+segments*: where that would overwrite another segment (all, or the visible ones), the module leaves
+those voxels out of its own segment instead, since it never changes the other one; with "allow overlap"
+the segments may overlap. Without a Segment Editor node for the segmentation, everything is editable and
+overlap is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import slicer
+from weakicl.volume import Geometry
+
+from . import mrml_bridge as bridge
+
+EDITOR_CLASS = "vtkMRMLSegmentEditorNode"
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    mask_mode: int
+    mask_segment_id: str
+    overwrite_mode: int
+    intensity_range: Optional[tuple[float, float]]
+
+    @classmethod
+    def default(cls) -> EditSettings:
+        return cls(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere, "", slicer.vtkMRMLSegmentEditorNode.OverwriteNone, None)
+
+
+def edit_settings(scene, segmentation_node) -> EditSettings:
+    """The settings of the Segment Editor node editing this segmentation (the module's defaults if none)."""
+    nodes = scene.GetNodesByClass(EDITOR_CLASS)
+    for index in range(nodes.GetNumberOfItems()):
+        editor = nodes.GetItemAsObject(index)
+        edited = editor.GetSegmentationNode()
+        if edited is None or edited.GetID() != segmentation_node.GetID():
+            continue
+        # 5.2+ call it the source volume; 5.0/5.1 the master volume
+        enabled = getattr(editor, "GetSourceVolumeIntensityMask", None) or editor.GetMasterVolumeIntensityMask
+        span = getattr(editor, "GetSourceVolumeIntensityMaskRange", None) or editor.GetMasterVolumeIntensityMaskRange
+        return EditSettings(editor.GetMaskMode(), editor.GetMaskSegmentID() or "", editor.GetOverwriteMode(),
+                            tuple(span()) if enabled() else None)
+    return EditSettings.default()
+
+
+def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: EditSettings,
+             image: Optional[np.ndarray]) -> np.ndarray:
+    """Bool (K, J, I): where the segment `segment_id` may take new values, on `geometry`."""
+    segmentation_node_class = slicer.vtkMRMLSegmentationNode
+    editor_class = slicer.vtkMRMLSegmentEditorNode
+    others = [sid for sid in bridge.segment_ids(segmentation_node) if sid != segment_id]
+    display = segmentation_node.GetDisplayNode()
+    visible = [sid for sid in others if display is None or display.GetSegmentVisibility(sid)]
+
+    def union(ids: list[str]) -> np.ndarray:
+        combined = np.zeros(geometry.shape_kji, dtype=bool)
+        for sid in ids:
+            combined |= bridge.read_segment(segmentation_node, sid, geometry)
+        return combined
+
+    mode = settings.mask_mode
+    allowed = np.ones(geometry.shape_kji, dtype=bool)
+    if mode == segmentation_node_class.EditAllowedInsideAllSegments:
+        allowed = union(others)
+    elif mode == segmentation_node_class.EditAllowedInsideVisibleSegments:
+        allowed = union(visible)
+    elif mode == segmentation_node_class.EditAllowedOutsideAllSegments:
+        allowed = ~union(others)
+    elif mode == segmentation_node_class.EditAllowedOutsideVisibleSegments:
+        allowed = ~union(visible)
+    elif mode == segmentation_node_class.EditAllowedInsideSingleSegment and settings.mask_segment_id:
+        allowed = bridge.read_segment(segmentation_node, settings.mask_segment_id, geometry)
+    if settings.overwrite_mode == editor_class.OverwriteAllSegments:
+        allowed &= ~union(others)
+    elif settings.overwrite_mode == editor_class.OverwriteVisibleSegments:
+        allowed &= ~union(visible)
+    if settings.intensity_range is not None and image is not None:
+        low, high = settings.intensity_range
+        allowed &= (image >= low) & (image <= high)
+    return allowed
+
+
+def compose(prediction: np.ndarray, current: np.ndarray, allowed: np.ndarray, last_written: Optional[np.ndarray]) -> np.ndarray:
+    """The segment to write: the prediction where writable, the current segment elsewhere, and the
+    current segment wherever it differs from what the module last wrote (a hand edit since)."""
+    result = np.where(allowed, prediction, current)
+    if last_written is not None and last_written.shape == current.shape:
+        edited = current != last_written
+        result[edited] = current[edited]
+    return result
