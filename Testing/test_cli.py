@@ -103,8 +103,10 @@ def test_context_is_registered_onto_the_target_unless_no_align(case):
         assert run(case, "--context", case["image"], case["label"], *flags, "--output", str(output)) == 0
         masks[flags] = read_label_map(output, case["geometry"]) > 0
     aligned, plain = masks[()], masks[("--no-align",)]
-    assert 2 * (aligned & truth).sum() / (aligned.sum() + truth.sum()) > 0.8  # even an untrained network starts from the prior
-    assert not np.array_equal(aligned, plain)
+    def dice(mask):
+        return 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+
+    assert dice(aligned) > 0.7 and dice(aligned) > dice(plain) + 0.2  # even an untrained network starts from the prior
 
 
 def test_multi_label_context_segments_every_label_in_one_pass(case):
@@ -159,6 +161,7 @@ BAD_INPUTS = [
     (lambda c: ["--prompts", c["bad"]["far_box"], "--output", str(c["dir"] / "o.nii.gz")], "outside the image"),
     (lambda c: ["--context", c["bad"]["nan_image"], c["label"], "--output", str(c["dir"] / "o.nii.gz")], "NaN or infinite"),  # defect 5
     (lambda c: ["--context", c["image"], c["prompts"], "--label-value", "3", "--output", str(c["dir"] / "o.nii.gz")], "label images"),
+    (lambda c: ["--prompts", c["prompts"], "--label-value", "3", "--output", str(c["dir"] / "o.nii.gz")], "label images"),
 ]
 
 

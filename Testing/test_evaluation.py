@@ -166,6 +166,10 @@ def test_click_loop_corrects_the_largest_error_first_and_stays_flat_once_perfect
     assert second.positive and all(16 <= c <= 18 for c in second.ijk)
     assert record.click_dice[2:] == [1.0, 1.0, 1.0] and record.click_dice[0] < record.click_dice[1] < 1.0
     assert record.auc == pytest.approx(click_curve_area(record.click_dice))
+    assert record.clicks_honoured == [True, True]  # each filled hole holds its click
+    assert record.far_dice_change == [0.0, 0.0]  # each fill lies within 20 mm of its click: nothing far changes
+    entry = record.as_dict()
+    assert entry["clicks_honoured"] == [True, True] and len(entry["far_dice_change"]) == 2
 
 
 # -- synthetic manifest ----------------------------------------------------------------------------

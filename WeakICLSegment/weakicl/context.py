@@ -57,7 +57,7 @@ def context_names(pairs: Sequence[Sequence[str | os.PathLike]]) -> dict[int, str
 
 def label_values(items: Sequence[ContextItem]) -> list[int] | None:
     """The non-zero label values when every context is a label image, else None."""
-    if not all(isinstance(annotation, np.ndarray) for _, annotation in items):
+    if not items or not all(isinstance(annotation, np.ndarray) for _, annotation in items):
         return None
     values = sorted(set(np.unique(np.concatenate([np.unique(a) for _, a in items])).tolist()) - {0})
     if values and (values[0] < 0 or values[-1] > MAX_LABEL_VALUE):

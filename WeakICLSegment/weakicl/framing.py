@@ -95,13 +95,15 @@ class Frame:
         return PromptSet(boxes, points, oriented)
 
 
-def prompt_extent_kji(prompts: PromptSet | None, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Inclusive lower and upper original voxel coordinates (KJI) of everything the prompts and mask mark."""
+def prompt_extent_kji(prompts: PromptSet | None, mask: np.ndarray | None,
+                      include_negative: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive lower and upper voxel coordinates (KJI) of what the prompts and mask mark as the
+    structure (negative points too with `include_negative`)."""
     corners = []
     if prompts is not None:
         for box in prompts.boxes:
             corners += [np.asarray(box.lo_ijk)[::-1], np.asarray(box.hi_ijk)[::-1]]
-        corners += [np.asarray(p.ijk)[::-1] for p in prompts.points if p.positive]
+        corners += [np.asarray(p.ijk)[::-1] for p in prompts.points if p.positive or include_negative]
         corners += [corner[::-1] for box in prompts.oriented_boxes for corner in box.corners_ijk()]
     if mask is not None and np.any(mask):
         coordinates = np.argwhere(mask)

@@ -104,13 +104,18 @@ def roi_around(mask: np.ndarray, margin_fraction: float, margin_voxels: int, min
     bounds = bounding_box(mask)
     if bounds is None:
         return None
-    lo, hi = bounds
+    return roi_from_bounds(*bounds, mask.shape, margin_fraction, margin_voxels, minimum_size)
+
+
+def roi_from_bounds(lo, hi, shape, margin_fraction: float, margin_voxels: int, minimum_size) -> tuple[slice, slice, slice]:
+    """`roi_around` for inclusive array bounds known without a mask (prompts' corners)."""
+    lo, hi = np.floor(np.asarray(lo)).astype(int), np.ceil(np.asarray(hi)).astype(int)
     extent = hi - lo + 1
     margin = np.ceil(extent * margin_fraction).astype(int) + margin_voxels
     lo, hi = lo - margin, hi + margin + 1
     shortfall = np.maximum(np.asarray(minimum_size) - (hi - lo), 0)
     lo, hi = lo - shortfall // 2, hi + shortfall - shortfall // 2
-    shape = np.asarray(mask.shape)
+    shape = np.asarray(shape)
     shift_up, shift_down = np.maximum(-lo, 0), np.maximum(hi - shape, 0)
     lo, hi = np.maximum(lo + shift_up - shift_down, 0), np.minimum(hi + shift_up - shift_down, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

@@ -19,6 +19,7 @@ from .volume import Geometry
 
 PROMPT_CHANNELS = ("box", "box_hull", "positive", "negative", "mask")
 MASK_CHANNEL = PROMPT_CHANNELS.index("mask")
+POINT_RADIUS_MM = 4.0  # a point prompt is a soft sphere of this radius
 FOREGROUND_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "mask")]
 THIN_BOX_VOXELS = 2.0  # a box thinner than this along an axis was drawn on one slice
 NEGATIVE_WORDS = ("neg", "background", "exclude")
@@ -236,7 +237,7 @@ def _says_negative(text: str) -> bool:
     return text.startswith("-") or any(word in text for word in NEGATIVE_WORDS)
 
 
-def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = 4.0) -> np.ndarray:
+def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = POINT_RADIUS_MM) -> np.ndarray:
     """Prompt channels (see PROMPT_CHANNELS) as a float32 array (5, K, J, I)."""
     channels = np.zeros((len(PROMPT_CHANNELS),) + geometry.shape_kji, dtype=np.float32)
     for box in prompts.boxes:

@@ -36,6 +36,7 @@ class AtlasItem:
     geometry: Geometry
     prior: np.ndarray
     key: str  # content digest of the reference volume
+    prior_offset_kji: tuple[int, int, int] = (0, 0, 0)  # where `prior` starts on `geometry` when it is a crop
     prior_geometry: Geometry = field(init=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ class AtlasItem:
         else:
             lo, hi = np.zeros(3, dtype=int), np.ones(3, dtype=int)
         self.prior = prior[tuple(slice(a, b) for a, b in zip(lo, hi))].copy()
+        lo = lo + np.asarray(self.prior_offset_kji, dtype=int)
         origin = self.geometry.ijk_to_lps(lo[::-1][None].astype(float))[0]
         self.prior_geometry = Geometry(self.geometry.spacing, tuple(float(c) for c in origin), self.geometry.direction, self.prior.shape)
 

@@ -24,8 +24,8 @@ import numpy as np
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
-from .preprocess import WorkingGrid, normalize_intensity, pad_to_multiple, roi_around
-from .prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
+from .preprocess import WorkingGrid, bounding_box, normalize_intensity, pad_to_multiple, roi_around, roi_from_bounds
+from .prompts import MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
 from .registration import AtlasItem, atlas_prior
 from .volume import Geometry, Volume, volume_digest
 
@@ -39,7 +39,8 @@ WINDOW_PATCHES = 3  # inference windows span up to this many training patches pe
 PREPARED_CACHE_SIZE = 4
 TRANSFORM_CACHE_SIZE = 64
 MAX_WINDOW_BATCH = 16
-PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this (plus margins)
+PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this
+PRIOR_MARGIN_FRACTION = 0.25  # ... plus this fraction of its extent and ROI_MARGIN_VOXELS
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 
@@ -151,24 +152,6 @@ class Segmenter:
             self._prepared[key] = Prepared(grid, image, working, key, normalized)
         return self._prepared[key]
 
-    @staticmethod
-    def _channels(prepared: Prepared, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
-        """Prompt channels on the working grid (`prepared` = `_prepare(volume)`) from prompts and/or a
-        dense mask on the volume's grid."""
-        grid, image, working = prepared.grid, prepared.image, prepared.working
-        channels = np.zeros((len(PROMPT_CHANNELS),) + image.shape, dtype=np.float32)
-        if prompts is not None:
-            prompts = prompts.validate(volume.geometry, require_prompts=False)  # boxes past the edge clipped
-            channels = rasterize(scale_prompts(prompts, grid), working)
-        if mask is not None:
-            mask = np.asarray(mask)
-            if mask.shape != volume.geometry.shape_kji:
-                raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
-            resampled = grid.to_working((mask > 0.5).astype(np.float32))
-            # a structure thinner than a working voxel must not vanish: then any overlap counts
-            channels[MASK_CHANNEL] = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
-        return channels
-
     # -- context -----------------------------------------------------------------------------------
     def encode_context(self, items: Sequence[ContextItem], name: str = "segment",
                        progress: ProgressCallback | None = None) -> TaskEmbedding:
@@ -194,12 +177,13 @@ class Segmenter:
                     raise InputError(f"context {number}: the mask is empty")
                 prompts, mask = None, annotation
             prepared = self._prepare(volume)
-            channels = self._channels(prepared, volume, prompts, mask)
-            image = prepared.image
-            atlas.append(AtlasItem(image, prepared.working, foreground_prior(channels), prepared.key))
-            roi = self._roi(channels.max(axis=0) > 0)
-            image_crop, _ = pad_to_multiple(image[roi], self.config.downsampling, self.config.patch_size)
-            channel_crop, _ = pad_to_multiple(channels[(slice(None),) + roi], self.config.downsampling, self.config.patch_size, mode="constant")
+            roi, channels = self._context_channels(prepared, volume, prompts, mask)
+            atlas.append(AtlasItem(prepared.image, prepared.working, foreground_prior(channels), prepared.key,
+                                   tuple(s.start for s in roi)))
+            # tokens come from the structure in its own frame, as targets are segmented (bounded size)
+            frame = self._frame(volume, prompts, None if mask is None else np.asarray(mask) > 0.5)
+            image_crop = frame.sample(prepared.normalized)
+            channel_crop = self._frame_channels(frame, prompts, None if mask is None else np.asarray(mask) > 0.5)
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
@@ -207,6 +191,54 @@ class Segmenter:
         task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas])
         self._tasks[key] = task
         return task
+
+    def _context_channels(self, prepared: Prepared, volume: Volume, prompts: PromptSet | None,
+                          mask: np.ndarray | None) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+        """The crop of the working grid around a context annotation and its prompt channels there.
+
+        Only the crop is rasterised (a few slice boxes on a 512x512x300 CT must not cost five
+        full-volume channels); the crop is what a full-volume rasterisation would give around it."""
+        shape = prepared.image.shape
+        if prompts is None:
+            mask = np.asarray(mask)
+            if mask.shape != volume.geometry.shape_kji:
+                raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
+            resampled = prepared.grid.to_working((mask > 0.5).astype(np.float32))
+            full = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0  # thin structures survive
+            roi = self._roi(full)
+            channels = np.zeros((len(PROMPT_CHANNELS),) + tuple(s.stop - s.start for s in roi), dtype=np.float32)
+            channels[MASK_CHANNEL] = full[roi]
+            return roi, channels
+        scaled = scale_prompts(prompts, prepared.grid)
+        lo, hi = prompt_extent_kji(scaled, None, include_negative=True)
+        reach = np.ceil(POINT_RADIUS_MM / np.asarray(prepared.working.spacing)[::-1]) + 2  # point spheres, thick boxes
+        bounds = roi_from_bounds(lo - reach, hi + reach, shape, 0.0, 0, 1)
+        drawn = self._rasterize_crop(scaled, prepared.working, bounds).max(axis=0) > 0
+        inner = self._roi_in(drawn, bounds, shape)
+        return inner, self._rasterize_crop(scaled, prepared.working, inner)
+
+    @staticmethod
+    def _rasterize_crop(prompts: PromptSet, geometry: Geometry, crop: tuple[slice, slice, slice]) -> np.ndarray:
+        """Prompt channels of `crop` of a grid, as the same slices of a full rasterisation."""
+        start_ijk = np.array([s.start for s in crop][::-1], dtype=float)
+
+        def moved(ijk) -> tuple[float, float, float]:
+            return tuple(np.asarray(ijk, dtype=float) - start_ijk)
+
+        shifted = PromptSet([Box(moved(b.lo_ijk), moved(b.hi_ijk)) for b in prompts.boxes],
+                            [Point(moved(p.ijk), p.positive) for p in prompts.points],
+                            [b.mapped(lambda ijk: np.asarray(ijk, dtype=float) - start_ijk) for b in prompts.oriented_boxes])
+        shape = tuple(s.stop - s.start for s in crop)
+        return rasterize(shifted, Geometry(geometry.spacing, geometry.origin, geometry.direction, shape))
+
+    def _roi_in(self, drawn: np.ndarray, crop: tuple[slice, slice, slice], shape) -> tuple[slice, slice, slice]:
+        """`_roi` of a region known on a crop, in whole-grid slices."""
+        bounds = bounding_box(drawn)
+        start = np.array([s.start for s in crop])
+        if bounds is None:
+            return crop
+        return roi_from_bounds(bounds[0] + start, bounds[1] + start, shape, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS,
+                               self.config.patch_size)
 
     @staticmethod
     def _context_key(items: Sequence[ContextItem], name: str) -> str:
@@ -245,18 +277,17 @@ class Segmenter:
         if guided:
             return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
-        channels = self._channels(prepared, target, None, None)
         priors, roi = None, None
         if align_context and task.atlases:
             priors = np.stack([atlas_prior(items, image, working, key, progress, self._transforms) for items in task.atlases])
             # the aligned context says where to look in a volume larger than one window (a tighter crop
             # than one window costs Dice: 0.720 -> 0.704 on 50 validation hippocampi, cross-weak k=1)
             window = [WINDOW_PATCHES * p for p in self.config.patch_size]
-            roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, window)
+            roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, PRIOR_MARGIN_FRACTION, ROI_MARGIN_VOXELS, window)
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         everywhere = (slice(None),) + roi
-        probabilities[everywhere] = self._sliding_window(image[roi], channels[everywhere], task, progress,
+        probabilities[everywhere] = self._sliding_window(image[roi], None, task, progress,
                                                          None if priors is None else priors[everywhere])
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
@@ -274,21 +305,7 @@ class Segmenter:
         previous_mask = None if previous is None else np.asarray(previous) > 0.5
         if previous_mask is not None and previous_mask.shape != target.geometry.shape_kji:
             raise InputError(f"previous mask shape {previous_mask.shape} does not match the target {target.geometry.shape_kji}")
-        extent = prompt_extent_kji(prompts, previous_mask)
-        if extent is None:
-            raise InputError("nothing to segment from: the prompts hold no box or positive point and the previous mask is empty")
-        spacing_kji = np.asarray(target.geometry.spacing, dtype=float)[::-1]
-        spacing = frame_spacing(*extent, spacing_kji, self.framing)
-        focus, spec = extent, self.framing
-        if new_prompts is not None and not new_prompts.is_empty():
-            marked = np.array([np.asarray(p.ijk)[::-1] for p in new_prompts.points]
-                              + [np.asarray(corner)[::-1] for b in new_prompts.boxes for corner in (b.lo_ijk, b.hi_ijk)]
-                              + [corner[::-1] for b in new_prompts.oriented_boxes for corner in b.corners_ijk()])
-            reach = CORRECTION_REACH_VOXELS * spacing / spacing_kji  # a click corrects its neighbourhood
-            focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
-            spec = dataclasses.replace(spec, margin_fraction=0.0)
-        frame = frame_around(*focus, spacing_kji, target.geometry.shape_kji, spacing, spec,
-                             minimum_voxels=max(self.config.patch_size))
+        frame = self._frame(target, prompts, previous_mask, new_prompts)
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
         framed = self._sliding_window(image, channels, task, progress)
@@ -299,31 +316,58 @@ class Segmenter:
         probabilities[(slice(None),) + region] = np.clip(frame.paste(framed, region), 0.0, 1.0)
         return Prediction(probabilities, list(task.names), region)
 
-    def _frame_channels(self, frame: Frame, prompts: PromptSet | None, previous_mask: np.ndarray | None) -> np.ndarray:
-        """Prompt channels rasterised directly in the frame (points keep their size in mm)."""
+    def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
+               new_prompts: PromptSet | None = None) -> Frame:
+        """The frame of a structure marked by prompts and/or a mask, at the scale the weights expect;
+        with `new_prompts`, the part of it around them (a correction)."""
+        extent = prompt_extent_kji(prompts, mask)
+        if extent is None:
+            raise InputError("nothing to segment from: the prompts hold no box or positive point and the mask is empty")
+        spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
+        spacing = frame_spacing(*extent, spacing_kji, self.framing)
+        focus, spec = extent, self.framing
+        if new_prompts is not None and not new_prompts.is_empty():
+            marked = np.array([np.asarray(p.ijk)[::-1] for p in new_prompts.points]
+                              + [np.asarray(corner)[::-1] for b in new_prompts.boxes for corner in (b.lo_ijk, b.hi_ijk)]
+                              + [corner[::-1] for b in new_prompts.oriented_boxes for corner in b.corners_ijk()])
+            reach = CORRECTION_REACH_VOXELS * spacing / spacing_kji  # a click corrects its neighbourhood
+            focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
+            spec = dataclasses.replace(spec, margin_fraction=0.0)
+        return frame_around(*focus, spacing_kji, volume.geometry.shape_kji, spacing, spec,
+                            minimum_voxels=max(self.config.patch_size))
+
+    @staticmethod
+    def _frame_channels(frame: Frame, prompts: PromptSet | None, mask: np.ndarray | None) -> np.ndarray:
+        """Prompt channels rasterised directly in the frame (points keep their size in mm); a mask
+        (dense context or previous result) is resampled into the mask channel."""
         geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
         channels = np.zeros((len(PROMPT_CHANNELS),) + frame.shape_kji, dtype=np.float32)
         if prompts is not None:
             channels = rasterize(frame.prompts_to_frame(prompts), geometry)
-        if previous_mask is not None:
-            channels[MASK_CHANNEL] = frame.sample(previous_mask.astype(np.float32), fill=0.0) >= 0.5
+        if mask is not None:
+            resampled = frame.sample(mask.astype(np.float32), fill=0.0)
+            # a structure thinner than a frame voxel must not vanish: then any overlap counts
+            channels[MASK_CHANNEL] = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
         return channels
 
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
         return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
 
-    def _sliding_window(self, image: np.ndarray, channels: np.ndarray, task: TaskEmbedding, progress: ProgressCallback,
+    def _sliding_window(self, image: np.ndarray, channels: np.ndarray | None, task: TaskEmbedding, progress: ProgressCallback,
                         priors: np.ndarray | None = None) -> np.ndarray:
-        """Class probabilities over `image`; prompt `channels` (5, ...) are shared by the classes, `priors`
-        (N, ...) replace the mask channel of each class."""
+        """Class probabilities over `image`; prompt `channels` (5, ...; None: no prompts) are shared by
+        the classes, `priors` (N, ...) replace the mask channel of each class."""
         import torch
         from monai.inferers import sliding_window_inference
 
         classes = len(task.names)
         padded_image, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
-        stacked = channels if priors is None else np.concatenate([channels, priors])
-        padded_channels, _ = pad_to_multiple(stacked, self.config.downsampling, self.config.patch_size, mode="constant")
-        inputs = self._tensor(np.concatenate([padded_image[None], padded_channels])[None])
+        blocks = [padded_image[None]]
+        for extra in (channels, priors):  # empty prompt channels are made per window, not per volume
+            if extra is not None:
+                blocks.append(pad_to_multiple(extra, self.config.downsampling, self.config.patch_size, mode="constant")[0])
+        inputs = self._tensor(np.concatenate(blocks)[None])
+        prompted = channels is not None
         tokens = task.tokens.to(self.device)
         # One window sees the whole region when it fits: cut structures and prompts lose context.
         patch = tuple(min(n, WINDOW_PATCHES * p) for n, p in zip(padded_image.shape, self.config.patch_size))
@@ -335,10 +379,13 @@ class Segmenter:
             """[W, 1+5(+N), ...] windows -> [W, N, ...] logits: every class of every window in one pass."""
             count = window.shape[0]
             features = [f.repeat_interleave(classes, dim=0) for f in self.model.encode_image(window[:, :1])]
-            prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat_interleave(classes, dim=0)
+            if prompted:
+                prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat_interleave(classes, dim=0)
+            else:
+                prompts = window.new_zeros((count * classes, len(PROMPT_CHANNELS)) + window.shape[2:])
             if priors is not None:
-                prompts = prompts.clone()
-                prompts[:, MASK_CHANNEL] = window[:, 1 + len(PROMPT_CHANNELS):].flatten(0, 1)
+                prompts = prompts.clone() if prompted else prompts
+                prompts[:, MASK_CHANNEL] = window[:, -classes:].flatten(0, 1)
             logits = self.model.decode(features, tokens.repeat(count, 1, 1), prompts)
             done[0] += count
             progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")

@@ -21,6 +21,7 @@ from .manifest import Structure, load_case, structure_mask
 from .metrics import Scores, click_curve_area, dice, score
 
 CROSS = ("cross-weak", "cross-dense")
+FAR_FROM_CLICK_MM = 20.0  # a correction should leave the segmentation this far from its click alone
 PREVIEW_MARGIN = 8  # voxels around the structure kept for the qualitative figure
 
 
@@ -135,6 +136,8 @@ class Record:
     scores: Scores | None = None
     seconds: float | None = None
     click_dice: list[float] = field(default_factory=list)
+    clicks_honoured: list[bool] = field(default_factory=list)  # each click's voxel ends on the click's side
+    far_dice_change: list[float] = field(default_factory=list)  # Dice change beyond FAR_FROM_CLICK_MM of each click
     preview: dict | None = None  # one axial slice of image, truth and prediction, for figures only
 
     @property
@@ -151,6 +154,8 @@ class Record:
             entry.update(dice=self.scores.dice, hd95_mm=self.scores.hd95, nsd=self.scores.nsd, seconds=self.seconds)
         if self.click_dice:
             entry.update(dice_after_click=self.click_dice, click_auc=self.auc)
+        if self.clicks_honoured:
+            entry.update(clicks_honoured=self.clicks_honoured, far_dice_change=self.far_dice_change)
         return entry
 
 
@@ -197,7 +202,11 @@ def evaluate(method: Method, structure: Structure, settings: Settings, pool: lis
                 click = corrective_click(prediction, truth)
                 if click is not None:  # once nothing is left to correct the curve stays flat
                     clicks.append(click)
+                    before = prediction
                     prediction = timed(trial, list(clicks), prediction)
+                    record.clicks_honoured.append(bool(prediction[_voxel(click)]) == click.positive)
+                    far = _far_from(click, trial.volume.geometry)
+                    record.far_dice_change.append(dice(prediction & far, truth & far) - dice(before & far, truth & far))
                 record.click_dice.append(dice(prediction, truth))
     except NotApplicable as reason:
         return Record(structure, method.name, settings.label, "n/a", str(reason))
@@ -206,6 +215,18 @@ def evaluate(method: Method, structure: Structure, settings: Settings, pool: lis
     record.scores = score(prediction, truth, trial.volume.geometry.spacing[::-1])
     record.preview = _preview(trial.volume.array, truth, prediction)
     return record
+
+
+def _voxel(point: Point) -> tuple[int, int, int]:
+    return tuple(int(round(c)) for c in point.ijk[::-1])
+
+
+def _far_from(point: Point, geometry) -> np.ndarray:
+    """Voxels farther than FAR_FROM_CLICK_MM from a click: where a correction should change nothing."""
+    axes = np.ogrid[tuple(slice(0, n) for n in geometry.shape_kji)]
+    squared = sum(((axis - centre) * spacing) ** 2
+                  for axis, centre, spacing in zip(axes, point.ijk[::-1], geometry.spacing[::-1]))
+    return squared > FAR_FROM_CLICK_MM**2
 
 
 def _preview(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> dict:

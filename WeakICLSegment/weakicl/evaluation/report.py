@@ -69,6 +69,10 @@ def summarise(records: list[Record], seed: int) -> list[dict]:
                 row[metric] = interval.as_dict() if interval else None
             if done and done[0].click_dice:
                 row["dice_after_click"] = np.mean([r.click_dice for r in done], axis=0).tolist()
+            honoured = [h for r in done for h in r.clicks_honoured]
+            if honoured:  # how clicks count: on their side, and nothing changed far from them
+                row["clicks_honoured_fraction"] = float(np.mean(honoured))
+                row["far_dice_change_mean"] = float(np.mean([c for r in done for c in r.far_dice_change]))
             rows.append(row)
     return rows
 
@@ -97,15 +101,19 @@ def _cell(interval: dict | None, digits: int) -> str:
 def _table(rows: list[dict]) -> list[str]:
     clicks = any(row["click_auc"] for row in rows)
     header = "| method | structure | n | Dice [95% CI] | HD95 mm [95% CI] | NSD 2 mm [95% CI] | s / case |"
-    lines = [header + (" click AUC [95% CI] | Dice after clicks 0..N |" if clicks else ""),
-             "|" + "---|" * (header.count("|") - 1 + (2 if clicks else 0))]
+    lines = [header + (" click AUC [95% CI] | Dice after clicks 0..N | clicks on their side | Dice change > 20 mm from a click |"
+                       if clicks else ""),
+             "|" + "---|" * (header.count("|") - 1 + (4 if clicks else 0))]
     for row in rows:
         empty = f" ({row['empty_predictions']} empty)" if row["empty_predictions"] else ""
         line = (f"| {row['method']} | {row['structure']} | {row['evaluated']} | {_cell(row['dice'], 3)} | "
                 f"{_cell(row['hd95_mm'], 2)}{empty} | {_cell(row['nsd'], 3)} | {row['seconds']['mean']:.2f} |")
         if clicks:
             curve = " ".join(f"{d:.3f}" for d in row.get("dice_after_click", []))
-            line += f" {_cell(row['click_auc'], 3)} | {curve} |"
+            honoured = row.get("clicks_honoured_fraction")
+            far = row.get("far_dice_change_mean")
+            line += (f" {_cell(row['click_auc'], 3)} | {curve} | {'–' if honoured is None else f'{100 * honoured:.0f} %'} |"
+                     f" {'–' if far is None else f'{far:+.4f}'} |")
         lines.append(line)
     return lines
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..preprocess import normalize_intensity
-from ..prompts import MASK_CHANNEL, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
+from ..prompts import MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
 from ..simulation import FULL_CONNECTIVITY, background_points, corrective_click, interior_points, slice_boxes, slice_fractions
 from ..volume import Geometry
 from .synthetic import SyntheticTasks
@@ -51,7 +51,7 @@ class EpisodeConfig:
     merge_fraction: float = 0.1
     max_clicks: int = 3
     box_jitter: float = 0.1
-    point_radius_mm: float = 4.0
+    point_radius_mm: float = POINT_RADIUS_MM
     fit_fraction: float = 0.5
     frame_fill: float | None = None  # real patches: the structure's longest side fills this fraction (inference framing)
     axis_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)

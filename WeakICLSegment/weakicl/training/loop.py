@@ -485,9 +485,3 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     weights = save_weights(ema.cpu(), out / WEIGHTS_NAME, model_card(config, state, collections, device))
     print(f"wrote {weights} after {state.step} steps ({state.episodes} episodes, {state.seconds / 60:.1f} min in all)", flush=True)
     return state
-
-
-if __name__ == "__main__":
-    from ..cli import main
-
-    sys.exit(main(["train"] + sys.argv[1:]))
