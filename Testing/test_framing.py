@@ -34,11 +34,20 @@ def test_sample_then_paste_returns_the_original_inside_the_frame():
     lo, hi = np.array([12.0, 18.0, 15.0]), np.array([28.0, 42.0, 35.0])
     spec = FrameSpec(extent_voxels=30)
     frame = frame_around(lo, hi, spacing_kji, shape, frame_spacing(lo, hi, spacing_kji, spec), spec, minimum_voxels=16)
-    assert all(n % spec.multiple == 0 for n in frame.shape_kji)
     region = frame.region(shape)
+    # a multiple of the network's downsampling, or exactly the image where the image is smaller
+    assert all(n % spec.multiple == 0 or (r.start, r.stop) == (0, size) for n, r, size in zip(frame.shape_kji, region, shape))
     back = frame.paste(frame.sample(truth), region) >= 0.5
     agreement = (back == (truth[region] >= 0.5)).mean()
     assert agreement > 0.99
+
+
+def test_a_frame_larger_than_a_small_image_covers_exactly_the_image():
+    spec = FrameSpec()
+    frame = frame_around(np.array([10.0, 10.0, 10.0]), np.array([20.0, 30.0, 20.0]), np.ones(3), (30, 40, 30),
+                         np.ones(3), spec, minimum_voxels=32)
+    np.testing.assert_allclose(frame.origin_kji, 0.0)
+    assert frame.shape_kji == (30, 40, 30)  # never reaching past the image: no one-sided padding
 
 
 def test_prompts_land_in_the_frame_where_the_image_puts_them():

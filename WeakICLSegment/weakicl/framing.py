@@ -129,8 +129,8 @@ def frame_spacing(lo_kji: np.ndarray, hi_kji: np.ndarray, spacing_kji, spec: Fra
 def frame_around(lo_kji: np.ndarray, hi_kji: np.ndarray, spacing_kji, image_shape_kji, frame_spacing_kji: np.ndarray,
                  spec: FrameSpec, minimum_voxels: int = 32) -> Frame:
     """A frame at `frame_spacing_kji` (coarsened if it would exceed `max_shape`) over the region plus
-    margins, at least `minimum_voxels` per axis and a multiple of `multiple`, kept inside the image
-    where it fits."""
+    margins, at least `minimum_voxels` per axis and a multiple of `multiple`, inside the image (along an
+    axis where the image is smaller, the frame is the image's extent)."""
     spacing_kji = np.asarray(spacing_kji, dtype=float)
     lo_kji, hi_kji = np.asarray(lo_kji, dtype=float), np.asarray(hi_kji, dtype=float)
     extent = hi_kji - lo_kji + 1.0
@@ -144,10 +144,13 @@ def frame_around(lo_kji: np.ndarray, hi_kji: np.ndarray, spacing_kji, image_shap
     shape = np.minimum(shape, max(spec.max_shape, minimum_voxels))
     centre = (lo + hi) / 2.0
     origin = centre - step * (shape - 1) / 2.0
-    # stay inside the image along axes where the frame fits: padding with edge values wastes the frame
-    span = step * (shape - 1)
+    # stay inside the image: where the frame fits, shift it in; where it does not, it covers the image
+    # exactly (the sliding window pads it evenly, as the network saw whole small images in training;
+    # a frame reaching past one side costs Dice: 0.814 -> 0.752 on 24 validation hippocampi)
     limit = np.asarray(image_shape_kji, dtype=float) - 1.0
+    span = step * (shape - 1)
     fits = span <= limit
-    origin = np.where(fits, np.clip(origin, 0.0, limit - span), origin)
+    origin = np.where(fits, np.clip(origin, 0.0, np.maximum(limit - span, 0.0)), 0.0)
+    shape = np.where(fits, shape, np.ceil(limit / step - 1e-6).astype(int) + 1)
     return Frame(origin, step, tuple(int(n) for n in shape), frame_spacing_kji)
 

@@ -182,8 +182,9 @@ class Segmenter:
                                    tuple(s.start for s in roi)))
             # tokens come from the structure in its own frame, as targets are segmented (bounded size)
             frame = self._frame(volume, prompts, None if mask is None else np.asarray(mask) > 0.5)
-            image_crop = frame.sample(prepared.normalized)
-            channel_crop = self._frame_channels(frame, prompts, None if mask is None else np.asarray(mask) > 0.5)
+            image_crop, _ = pad_to_multiple(frame.sample(prepared.normalized), self.config.downsampling, self.config.patch_size)
+            channel_crop, _ = pad_to_multiple(self._frame_channels(frame, prompts, None if mask is None else np.asarray(mask) > 0.5),
+                                              self.config.downsampling, self.config.patch_size, mode="constant")
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
