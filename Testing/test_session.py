@@ -198,3 +198,41 @@ def test_windows_in_batches_give_the_windows_one_at_a_time(segmenter, phantom):
     finally:
         segmenter.window_batch = 0
     np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_boxes_drawn_on_oblique_slices_guide_the_segmentation(segmenter, phantom):
+    from weakicl.slicebox import OrientedBox
+
+    volume, truth = phantom
+    centre = np.argwhere(truth).mean(axis=0)[::-1]  # IJK
+    tilt = np.deg2rad(30)
+    boxes = [OrientedBox(tuple(centre + offset * np.array([0.0, np.sin(tilt), np.cos(tilt)])),
+                         (6.0, 0.0, 0.0), (0.0, 5.0 * np.cos(tilt), -5.0 * np.sin(tilt))) for offset in (-3.0, 0.0, 3.0)]
+    prompts = PromptSet(oriented_boxes=boxes)
+    task = segmenter.encode_context([(volume, prompts)])  # oblique boxes alone are a valid context
+    prediction = segmenter.segment(volume, task, target_prompts=prompts)
+    region = prediction.changed_kji
+    inside = tuple(int(round(c)) for c in centre[::-1])
+    assert all(s.start <= c < s.stop for s, c in zip(region, inside))  # the frame is around the oblique boxes
+    assert prediction.probabilities[0][region].max() > 0.5  # the hull prior of the oblique boxes is read
+
+
+def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phantom):
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    first = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+    outside = tuple(int(c) for c in np.argwhere(~first & ~truth)[0])  # a background voxel
+    inside = tuple(int(c) for c in np.argwhere(truth)[len(np.argwhere(truth)) // 2])
+    clicks = PromptSet(points=[Point(tuple(float(c) for c in inside[::-1]), True), Point(tuple(float(c) for c in outside[::-1]), False)])
+    for click in clicks.points:
+        new = PromptSet(points=[click])
+        seeded = segmenter.segment(volume, task, boxes + new, first, new_prompts=new).masks[0]
+        kji = tuple(int(round(c)) for c in click.ijk[::-1])
+        assert seeded[kji] == click.positive
+    network = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks, honour_clicks=False)
+    seeded = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks)
+    differ = np.argwhere(network.masks[0] != seeded.masks[0])
+    spacing_kji = np.asarray(volume.geometry.spacing)[::-1]
+    near = [min(np.linalg.norm((voxel - np.asarray(p.ijk)[::-1]) * spacing_kji) for p in clicks.points) for voxel in differ]
+    assert max(near, default=0.0) <= 3.0 + 1e-6  # only the seed balls differ

@@ -41,6 +41,7 @@ TRANSFORM_CACHE_SIZE = 64
 MAX_WINDOW_BATCH = 16
 PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this
 PRIOR_MARGIN_FRACTION = 0.25  # ... plus this fraction of its extent and ROI_MARGIN_VOXELS
+CLICK_SEED_MM = 3.0  # a point prompt's ball that ends on its side (GrowCut's click seeds have the same radius)
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 
@@ -255,7 +256,8 @@ class Segmenter:
     # -- targets -----------------------------------------------------------------------------------
     def segment(self, target: Volume, task: TaskEmbedding, target_prompts: PromptSet | None = None,
                 previous: np.ndarray | None = None, new_prompts: PromptSet | None = None,
-                align_context: bool = True, progress: ProgressCallback | None = None) -> Prediction:
+                align_context: bool = True, progress: ProgressCallback | None = None,
+                honour_clicks: bool = True) -> Prediction:
         """Segment every class of `task` in `target`.
 
         `target_prompts` are all prompts on the target (boxes stay as guidance for every later call);
@@ -264,6 +266,8 @@ class Segmenter:
         stands. Otherwise, with target prompts or a previous mask, a region around all of them is
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
         unless `align_context` is False, each class starts from its context registered to the target.
+        With `honour_clicks` (the default) the voxel of every point prompt ends on the point's side, as a
+        user expects of a click; False gives the network's output alone (the evaluation's ablation).
         """
         progress = progress or _silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
@@ -276,7 +280,7 @@ class Segmenter:
         if new_prompts is not None and target_prompts is None:
             all_prompts = new_prompts
         if guided:
-            return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress)
+            return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, honour_clicks)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
         priors, roi = None, None
         if align_context and task.atlases:
@@ -296,7 +300,8 @@ class Segmenter:
         return Prediction(original.astype(np.float32), list(task.names), changed)
 
     def _segment_framed(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet | None,
-                        previous: np.ndarray | None, new_prompts: PromptSet | None, progress: ProgressCallback) -> Prediction:
+                        previous: np.ndarray | None, new_prompts: PromptSet | None, progress: ProgressCallback,
+                        honour_clicks: bool) -> Prediction:
         """Propagation and correction in a prompt-centred frame where the structure has the size the
         network knows (`weakicl.framing`); a correction's frame is centred on the new prompts only."""
         if prompts is not None:
@@ -315,6 +320,8 @@ class Segmenter:
         if previous_mask is not None:
             probabilities[0] = previous_mask
         probabilities[(slice(None),) + region] = np.clip(frame.paste(framed, region), 0.0, 1.0)
+        if honour_clicks and prompts is not None:
+            _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
         return Prediction(probabilities, list(task.names), region)
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
@@ -414,6 +421,22 @@ class Segmenter:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+
+def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, region: tuple[slice, slice, slice]) -> None:
+    """Set a ball of CLICK_SEED_MM around each point prompt inside `region` to the point's side (positive
+    1, negative 0), in place: a click is a seed, as in GrowCut, whatever the network makes of it."""
+    spacing_kji = np.asarray(spacing_ijk, dtype=float)[::-1]
+    reach = np.ceil(CLICK_SEED_MM / spacing_kji).astype(int)
+    for point in prompts.points:
+        centre = np.asarray(point.ijk, dtype=float)[::-1]
+        lo = np.maximum(np.floor(centre).astype(int) - reach, [s.start for s in region])
+        hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, [s.stop for s in region])
+        if np.any(hi <= lo):
+            continue
+        grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        inside = sum(((g - c) * d) ** 2 for g, c, d in zip(grids, centre, spacing_kji)) <= CLICK_SEED_MM**2
+        probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
 
 
 def _silent(fraction: float, message: str) -> None:

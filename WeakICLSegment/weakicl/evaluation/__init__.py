@@ -8,6 +8,7 @@ Layers, bottom up: `metrics` (Dice, HD95, surface Dice, bootstrap), `manifest` (
 """
 
 PROTOCOLS = ("propagate", "cross-weak", "cross-dense", "interactive")
-METHOD_NAMES = ("model", "box-interp", "growcut", "threshold", "atlas", "model-unaligned")
-DEFAULT_METHODS = METHOD_NAMES[:5]  # model-unaligned (task tokens alone) is an ablation, asked for by name
+METHOD_NAMES = ("model", "box-interp", "growcut", "threshold", "atlas", "model-unaligned", "model-network-only")
+# ablations asked for by name: model-unaligned (task tokens alone), model-network-only (clicks not seeded)
+DEFAULT_METHODS = METHOD_NAMES[:5]
 PROMPT_KINDS = ("boxes", "points")

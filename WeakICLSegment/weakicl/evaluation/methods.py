@@ -13,34 +13,37 @@ from . import METHOD_NAMES
 from .baselines import BASELINES
 from .protocols import Method, Trial
 
-MODEL, UNALIGNED = "model", "model-unaligned"
+MODEL, UNALIGNED, NETWORK_ONLY = "model", "model-unaligned", "model-network-only"
 
 
 class ModelMethod(Method):
     """The network exactly as a user drives it: encode the context, segment the target, and for
     corrections segment again with the boxes plus the clicks so far, the previous mask, and the
     newest click marked as new (only its neighbourhood is recomputed).
-    `align_context=False` is the ablation without the atlas prior (task tokens alone)."""
+    `align_context=False` is the ablation without the atlas prior (task tokens alone), `honour_clicks=False`
+    the one where clicks are not seeded (the network's output alone)."""
 
-    def __init__(self, segmenter, weights: Path, align_context: bool = True) -> None:
+    def __init__(self, segmenter, weights: Path, name: str = MODEL) -> None:
         self.segmenter = segmenter
         self.weights = weights
-        self.align_context = align_context
-        self.name = MODEL if align_context else UNALIGNED
+        self.align_context = name != UNALIGNED
+        self.honour_clicks = name != NETWORK_ONLY
+        self.name = name
 
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
         task = self.segmenter.encode_context(trial.context, trial.structure.name)  # cached: encoded once per trial
         prompts = (trial.prompts or PromptSet()) + PromptSet(points=list(clicks))
         new = PromptSet(points=list(clicks[-1:])) if clicks and previous is not None else None
         prediction = self.segmenter.segment(trial.volume, task, None if prompts.is_empty() else prompts, previous,
-                                            new_prompts=new, align_context=self.align_context)
+                                            new_prompts=new, align_context=self.align_context,
+                                            honour_clicks=self.honour_clicks)
         return prediction.masks[0]
 
     def describe(self) -> dict:
         from ..weights import sha256_of
 
         return {"weights": str(self.weights), "weights_sha256": sha256_of(self.weights),
-                "model_card": self.segmenter.card, "align_context": self.align_context,
+                "model_card": self.segmenter.card, "align_context": self.align_context, "honour_clicks": self.honour_clicks,
                 "device": self.segmenter.device_name}
 
 
@@ -52,13 +55,13 @@ def build_methods(names: list[str], weights: str | None, device: str) -> list[Me
     methods: list[Method] = []
     segmenter = None
     for name in dict.fromkeys(names):
-        if name in (MODEL, UNALIGNED):
+        if name in (MODEL, UNALIGNED, NETWORK_ONLY):
             from ..session import Segmenter
             from ..weights import default_weights_path
 
             path = Path(weights) if weights else default_weights_path()
             segmenter = segmenter or Segmenter(path, device)  # one network and its caches for both variants
-            methods.append(ModelMethod(segmenter, path, align_context=name == MODEL))
+            methods.append(ModelMethod(segmenter, path, name))
         else:
             methods.append(BASELINES[name]())
     return methods
