@@ -6,7 +6,7 @@ import pytest
 from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
 from weakicl.prompts import MASK_CHANNEL, Point, PromptSet
-from weakicl.session import Segmenter, TaskEmbedding
+from weakicl.session import CLICK_SEED_MM, Segmenter, TaskEmbedding
 from weakicl.simulation import slice_boxes
 from weakicl.volume import Geometry, Volume
 
@@ -235,4 +235,4 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
     differ = np.argwhere(network.masks[0] != seeded.masks[0])
     spacing_kji = np.asarray(volume.geometry.spacing)[::-1]
     near = [min(np.linalg.norm((voxel - np.asarray(p.ijk)[::-1]) * spacing_kji) for p in clicks.points) for voxel in differ]
-    assert max(near, default=0.0) <= 3.0 + 1e-6  # only the seed balls differ
+    assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # only the seed balls differ
