@@ -182,9 +182,10 @@ class Segmenter:
             atlas.append(AtlasItem(prepared.image, prepared.working, foreground_prior(channels), prepared.key,
                                    tuple(s.start for s in roi)))
             # tokens come from the structure in its own frame, as targets are segmented (bounded size)
-            frame = self._frame(volume, prompts, None if mask is None else np.asarray(mask) > 0.5)
+            binary = None if mask is None else np.asarray(mask) > 0.5
+            frame = self._frame(volume, prompts, binary)
             image_crop, _ = pad_to_multiple(frame.sample(prepared.normalized), self.config.downsampling, self.config.patch_size)
-            channel_crop, _ = pad_to_multiple(self._frame_channels(frame, prompts, None if mask is None else np.asarray(mask) > 0.5),
+            channel_crop, _ = pad_to_multiple(self._frame_channels(frame, prompts, binary),
                                               self.config.downsampling, self.config.patch_size, mode="constant")
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
@@ -205,8 +206,7 @@ class Segmenter:
             mask = np.asarray(mask)
             if mask.shape != volume.geometry.shape_kji:
                 raise InputError(f"mask shape {mask.shape} does not match its image {volume.geometry.shape_kji}")
-            resampled = prepared.grid.to_working((mask > 0.5).astype(np.float32))
-            full = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0  # thin structures survive
+            full = _resampled_mask(prepared.grid.to_working((mask > 0.5).astype(np.float32)))
             roi = self._roi(full)
             channels = np.zeros((len(PROMPT_CHANNELS),) + tuple(s.stop - s.start for s in roi), dtype=np.float32)
             channels[MASK_CHANNEL] = full[roi]
@@ -222,16 +222,10 @@ class Segmenter:
     @staticmethod
     def _rasterize_crop(prompts: PromptSet, geometry: Geometry, crop: tuple[slice, slice, slice]) -> np.ndarray:
         """Prompt channels of `crop` of a grid, as the same slices of a full rasterisation."""
-        start_ijk = np.array([s.start for s in crop][::-1], dtype=float)
-
-        def moved(ijk) -> tuple[float, float, float]:
-            return tuple(np.asarray(ijk, dtype=float) - start_ijk)
-
-        shifted = PromptSet([Box(moved(b.lo_ijk), moved(b.hi_ijk)) for b in prompts.boxes],
-                            [Point(moved(p.ijk), p.positive) for p in prompts.points],
-                            [b.mapped(lambda ijk: np.asarray(ijk, dtype=float) - start_ijk) for b in prompts.oriented_boxes])
         shape = tuple(s.stop - s.start for s in crop)
-        return rasterize(shifted, Geometry(geometry.spacing, geometry.origin, geometry.direction, shape))
+        spacing_kji = np.asarray(geometry.spacing, dtype=float)[::-1]
+        crop_frame = Frame(np.array([s.start for s in crop], dtype=float), np.ones(3), shape, spacing_kji)
+        return rasterize(crop_frame.prompts_to_frame(prompts), Geometry(geometry.spacing, geometry.origin, geometry.direction, shape))
 
     def _roi_in(self, drawn: np.ndarray, crop: tuple[slice, slice, slice], shape) -> tuple[slice, slice, slice]:
         """`_roi` of a region known on a crop, in whole-grid slices."""
@@ -266,8 +260,9 @@ class Segmenter:
         stands. Otherwise, with target prompts or a previous mask, a region around all of them is
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
         unless `align_context` is False, each class starts from its context registered to the target.
-        With `honour_clicks` (the default) the voxel of every point prompt ends on the point's side, as a
-        user expects of a click; False gives the network's output alone (the evaluation's ablation).
+        With `honour_clicks` (the default) a CLICK_SEED_MM ball around every point prompt ends on the
+        point's side, as a user expects of a click; False gives the network's output alone (the
+        evaluation's ablation `model-network-only`).
         """
         progress = progress or _silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
@@ -353,9 +348,7 @@ class Segmenter:
         if prompts is not None:
             channels = rasterize(frame.prompts_to_frame(prompts), geometry)
         if mask is not None:
-            resampled = frame.sample(mask.astype(np.float32), fill=0.0)
-            # a structure thinner than a frame voxel must not vanish: then any overlap counts
-            channels[MASK_CHANNEL] = resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
+            channels[MASK_CHANNEL] = _resampled_mask(frame.sample(mask.astype(np.float32), fill=0.0))
         return channels
 
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -421,6 +414,12 @@ class Segmenter:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+
+def _resampled_mask(resampled: np.ndarray) -> np.ndarray:
+    """A binary mask resampled to another grid (linear), thresholded at 0.5; a structure thinner than a
+    voxel of that grid must not vanish, so then any overlap counts."""
+    return resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
 
 
 def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, region: tuple[slice, slice, slice]) -> None:
