@@ -5,6 +5,7 @@ import pytest
 
 from conftest import ellipsoid
 from weakicl.framing import FrameSpec, frame_around, frame_spacing, prompt_extent_kji
+from weakicl.preprocess import working_spacing
 from weakicl.prompts import Box, Point, PromptSet, rasterize
 from weakicl.volume import Geometry
 
@@ -22,9 +23,20 @@ def test_scale_normalised_frames_are_isotropic_and_fit_the_structure_to_the_same
     assert extent_mm.max() / spacing[0] >= 28.0 - 1e-6 and extent_mm.min() / spacing[0] >= spec.min_thickness_voxels - 1e-6
 
 
-def test_working_grid_framing_keeps_the_weights_own_spacing():
+def test_working_grid_framing_is_the_weights_own_isotropic_spacing():
+    # sub-millimetre pixels coarsened to 1 mm, 3 mm slices interpolated to 1 mm (the network saw isotropic grids)
     spacing = frame_spacing(np.zeros(3), np.full(3, 50.0), (3.0, 0.5, 0.5), FrameSpec(working_spacing_mm=1.0))
-    np.testing.assert_allclose(spacing, (3.0, 1.0, 1.0))
+    np.testing.assert_allclose(spacing, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("spacing_ijk, expected", [
+    ((0.78, 0.78, 6.5), (1.0, 1.0, 1.0)),  # thick-slice MR: slices interpolated, pixels coarsened
+    ((2.0, 2.0, 6.0), (2.0, 2.0, 2.0)),  # coarse pixels are kept, thick slices brought down to them
+    ((3.0, 3.0, 3.0), (3.0, 3.0, 3.0)),
+    ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),
+])
+def test_working_spacing_is_isotropic_and_never_finer_than_the_minimum(spacing_ijk, expected):
+    np.testing.assert_allclose(working_spacing(spacing_ijk, 1.0), expected)
 
 
 def test_sample_then_paste_returns_the_original_inside_the_frame():

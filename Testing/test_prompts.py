@@ -141,6 +141,22 @@ def test_box_hull_interpolates_between_annotated_slices():
     assert 9 < areas[5] < 121 and np.all(np.diff(areas[:11]) >= 0)
 
 
+
+def test_box_hull_goes_on_past_the_outermost_boxes_by_a_fraction_of_their_gap():
+    boxes = [Box((10, 10, 10), (12, 12, 10)), Box((6, 6, 20), (16, 16, 20)), Box((8, 8, 30), (14, 14, 30))]
+    plain = box_hull(boxes, (45, 30, 30))
+    extended = box_hull(boxes, (45, 30, 30), extension_gaps=0.6)
+    assert np.flatnonzero(plain.any(axis=(1, 2))).tolist() == list(range(10, 31))
+    # gap 10 slices: 6 more slices each way, each a copy of the outermost box
+    assert np.flatnonzero(extended.any(axis=(1, 2))).tolist() == list(range(4, 37))
+    assert np.array_equal(extended[4], plain[10]) and np.array_equal(extended[36], plain[30])
+    assert np.array_equal(extended[10:31], plain[10:31])
+
+
+def test_a_lone_slice_box_or_a_3d_box_is_not_extended():
+    for boxes in ([Box((10, 10, 10), (12, 12, 10))], [Box((10, 10, 10), (12, 12, 14))]):
+        assert np.array_equal(box_hull(boxes, (30, 30, 30), extension_gaps=1.0), box_hull(boxes, (30, 30, 30)))
+
 def test_point_sphere_is_one_at_the_centre_and_zero_beyond_its_radius():
     geometry = Geometry.identity((20, 20, 20), spacing=(2.0, 2.0, 2.0))
     channel = rasterize(PromptSet(points=[Point((10, 10, 10))]), geometry, point_radius_mm=6.0)[2]
@@ -168,3 +184,19 @@ def test_corrective_click_targets_the_largest_error():
     click = corrective_click(prediction, truth)
     assert click.positive and truth[tuple(int(c) for c in click.ijk[::-1])]
     assert corrective_click(truth, truth) is None
+
+
+def test_jittered_clicks_land_off_centre_but_deep_in_the_same_error():
+    from scipy import ndimage
+
+    truth = np.zeros((30, 30, 30), bool)
+    truth[5:25, 5:25, 5:25] = True
+    prediction = truth.copy()
+    prediction[5:25, 5:25, 12:25] = False  # a slab-shaped miss, 13 voxels deep along i
+    miss = truth & ~prediction
+    depth = ndimage.distance_transform_edt(np.pad(miss, 1))[1:-1, 1:-1, 1:-1]
+    rng = np.random.default_rng(0)
+    clicks = [corrective_click(prediction, truth, 0.1, rng) for _ in range(20)]
+    voxels = {tuple(int(c) for c in click.ijk[::-1]) for click in clicks}
+    assert all(click.positive for click in clicks) and len(voxels) > 5  # people do not hit one voxel
+    assert all(miss[v] and depth[v] >= depth.max() / 2 for v in voxels)

@@ -230,7 +230,7 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
         seeded = segmenter.segment(volume, task, boxes + new, first, new_prompts=new).masks[0]
         kji = tuple(int(round(c)) for c in click.ijk[::-1])
         assert seeded[kji] == click.positive
-    network = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks, honour_clicks=False)
+    network = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks, network_only=True)
     seeded = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks)
     differ = np.argwhere(network.masks[0] != seeded.masks[0])
     spacing_kji = np.asarray(volume.geometry.spacing)[::-1]

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .prompts import Box, Point, PromptSet
+from .preprocess import working_spacing
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def frame_spacing(lo_kji: np.ndarray, hi_kji: np.ndarray, spacing_kji, spec: Fra
     `extent_voxels` long, finer when its shortest side would be thinner than `min_thickness_voxels`."""
     spacing_kji = np.asarray(spacing_kji, dtype=float)
     if spec.extent_voxels is None:
-        return np.maximum(spacing_kji, spec.working_spacing_mm)
+        return np.asarray(working_spacing(spacing_kji, spec.working_spacing_mm))
     extent_mm = (np.asarray(hi_kji) - np.asarray(lo_kji) + 1.0) * spacing_kji
     spacing = extent_mm.max() / spec.extent_voxels
     spacing = min(spacing, extent_mm.min() / spec.min_thickness_voxels)

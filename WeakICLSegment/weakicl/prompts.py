@@ -237,12 +237,14 @@ def _says_negative(text: str) -> bool:
     return text.startswith("-") or any(word in text for word in NEGATIVE_WORDS)
 
 
-def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = POINT_RADIUS_MM) -> np.ndarray:
-    """Prompt channels (see PROMPT_CHANNELS) as a float32 array (5, K, J, I)."""
+def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = POINT_RADIUS_MM,
+              hull_extension_gaps: float = 0.0) -> np.ndarray:
+    """Prompt channels (see PROMPT_CHANNELS) as a float32 array (5, K, J, I); `hull_extension_gaps`
+    as in `box_hull`."""
     channels = np.zeros((len(PROMPT_CHANNELS),) + geometry.shape_kji, dtype=np.float32)
     for box in prompts.boxes:
         channels[0][_box_slices(box, geometry.shape_kji, thicken=True)] = 1.0
-    channels[1] = box_hull(prompts.boxes, geometry.shape_kji)
+    channels[1] = box_hull(prompts.boxes, geometry.shape_kji, hull_extension_gaps)
     if prompts.oriented_boxes:
         from .slicebox import BOX_HALF_THICKNESS, oriented_hull, rasterize_oriented
 
@@ -267,10 +269,13 @@ def foreground_prior(channels: np.ndarray) -> np.ndarray:
     return np.asarray(channels)[FOREGROUND_CHANNELS].max(axis=0)
 
 
-def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int]) -> np.ndarray:
+def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: float = 0.0) -> np.ndarray:
     """Boxes drawn on slices of one axis, linearly interpolated between consecutive annotated slices.
 
     This is the "box interpolation" prior: what a user's slice boxes say about the slices in between.
+    With `extension_gaps`, two or more parallel slice boxes also say that the structure goes on past
+    the outermost ones (people annotate inside a structure, not its first and last slice): their boxes
+    are repeated outwards over that fraction of the mean gap between annotated slices.
     3D boxes and lone slice boxes contribute themselves.
     """
     hull = np.zeros(shape_kji, dtype=np.float32)
@@ -287,7 +292,23 @@ def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int]) -> np.ndarray:
             hull[_box_slices(box, shape_kji, thicken=False)] = 1.0
         for first, second in zip(slice_boxes, slice_boxes[1:]):
             _fill_between(hull, first, second, axis)
+        if extension_gaps > 0 and len(slice_boxes) > 1:
+            _extend_outwards(hull, slice_boxes, axis, extension_gaps)
     return hull
+
+
+def _extend_outwards(hull: np.ndarray, slice_boxes: list[Box], axis: int, gaps: float) -> None:
+    """Repeat the outermost of sorted parallel slice boxes `gaps` mean box gaps beyond them."""
+    def position(box: Box) -> float:
+        return (box.lo_ijk[axis] + box.hi_ijk[axis]) / 2
+
+    gap = (position(slice_boxes[-1]) - position(slice_boxes[0])) / (len(slice_boxes) - 1)
+    reach = int(np.ceil(gaps * gap - 1e-6))
+    for box, direction in ((slice_boxes[0], -1), (slice_boxes[-1], 1)):
+        for step in range(1, reach + 1):
+            lo, hi = list(box.lo_ijk), list(box.hi_ijk)
+            lo[axis] = hi[axis] = nearest_voxel(position(box)) + direction * step
+            hull[_box_slices(Box(tuple(lo), tuple(hi)), hull.shape, thicken=False)] = 1.0
 
 
 def _fill_between(hull: np.ndarray, first: Box, second: Box, axis: int) -> None:

@@ -78,9 +78,12 @@ def _sample_voxels(weights: np.ndarray, count: int, rng: np.random.Generator) ->
     return [tuple(float(c) for c in np.unravel_index(index, weights.shape)[::-1]) for index in chosen]
 
 
-def corrective_click(prediction: np.ndarray, truth: np.ndarray) -> Point | None:
+def corrective_click(prediction: np.ndarray, truth: np.ndarray, jitter: float = 0.0,
+                     rng: np.random.Generator | None = None) -> Point | None:
     """The click the field's protocol simulates: the voxel farthest from the border inside the largest
-    26-connected error component; positive where the prediction misses, negative where it overshoots."""
+    26-connected error component; positive where the prediction misses, negative where it overshoots.
+    With `jitter` (and `rng`), an off-centre click as people place them: a random voxel of the component
+    at least (1 - 5 jitter) of that depth inside it (jitter 0.1: anywhere in its deeper half)."""
     prediction, truth = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
     best_size, best = 0, None
     for error, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
@@ -95,5 +98,9 @@ def corrective_click(prediction: np.ndarray, truth: np.ndarray) -> Point | None:
         return None
     component, positive = best
     distance = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1, 1:-1]
-    kji = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    if jitter > 0 and rng is not None:
+        deep = np.argwhere(distance >= max(1.0, distance.max() * (1.0 - 5.0 * jitter)))
+        kji = tuple(deep[int(rng.integers(len(deep)))])
+    else:
+        kji = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return Point(tuple(float(c) for c in kji[::-1]), positive)

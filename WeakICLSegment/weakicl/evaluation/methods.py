@@ -20,14 +20,14 @@ class ModelMethod(Method):
     """The network exactly as a user drives it: encode the context, segment the target, and for
     corrections segment again with the boxes plus the clicks so far, the previous mask, and the
     newest click marked as new (only its neighbourhood is recomputed).
-    `align_context=False` is the ablation without the atlas prior (task tokens alone), `honour_clicks=False`
-    the one where clicks are not seeded (the network's output alone)."""
+    `align_context=False` is the ablation without the atlas prior (task tokens alone), `network_only=True`
+    the network's output alone (clicks not seeded, no appearance probe)."""
 
     def __init__(self, segmenter, weights: Path, name: str = MODEL) -> None:
         self.segmenter = segmenter
         self.weights = weights
         self.align_context = name != UNALIGNED
-        self.honour_clicks = name != NETWORK_ONLY
+        self.network_only = name == NETWORK_ONLY
         self.name = name
 
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
@@ -36,14 +36,14 @@ class ModelMethod(Method):
         new = PromptSet(points=list(clicks[-1:])) if clicks and previous is not None else None
         prediction = self.segmenter.segment(trial.volume, task, None if prompts.is_empty() else prompts, previous,
                                             new_prompts=new, align_context=self.align_context,
-                                            honour_clicks=self.honour_clicks)
+                                            network_only=self.network_only)
         return prediction.masks[0]
 
     def describe(self) -> dict:
         from ..weights import sha256_of
 
         return {"weights": str(self.weights), "weights_sha256": sha256_of(self.weights),
-                "model_card": self.segmenter.card, "align_context": self.align_context, "honour_clicks": self.honour_clicks,
+                "model_card": self.segmenter.card, "align_context": self.align_context, "network_only": self.network_only,
                 "device": self.segmenter.device_name}
 
 

@@ -36,7 +36,7 @@ class Settings:
     start: str = "propagate"
     clicks: int = 5
     seed: int = 0
-    jitter: float = 0.0  # each box side moves by up to this fraction of the box, as hands draw them
+    jitter: float = 0.0  # each box side moves by up to this fraction of the box, clicks land off-centre, as hands draw them
     context_collection: str = "same"  # "other": context subjects from another collection (CT for MR and back)
 
     @property
@@ -198,8 +198,9 @@ def evaluate(method: Method, structure: Structure, settings: Settings, pool: lis
         if settings.protocol == "interactive":
             record.click_dice = [dice(prediction, truth)]
             clicks: list[Point] = []
+            click_rng = np.random.default_rng([settings.seed, zlib.crc32(structure.key.encode()), 1])
             while len(record.click_dice) <= settings.clicks:
-                click = corrective_click(prediction, truth)
+                click = corrective_click(prediction, truth, settings.jitter, click_rng)
                 if click is not None:  # once nothing is left to correct the curve stays flat
                     clicks.append(click)
                     before = prediction

@@ -34,7 +34,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clicks", type=int, default=5, help="corrective clicks in interactive (default: 5)")
     parser.add_argument("--jitter", type=float, default=0.0,
                         help="move each box side by up to this fraction of the box (0.1: loose or tight by a few voxels, "
-                             "as people draw); default 0: tight boxes")
+                             "as people draw) and place corrective clicks off-centre (0.1: anywhere in the deeper half "
+                             "of the error); default 0: tight boxes, clicks at the error's deepest voxel")
     parser.add_argument("--context-collection", choices=("same", "other"), default="same",
                         help="cross protocols: context subjects from the same collection (default) or from another "
                              "one with the same structure name (e.g. the abdominal CT as context for the abdominal MR)")

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,7 @@ class TrainConfig:
     log_every: int = 10
     workers: int = 0
     threads: int = 2
+    device_synthetic_fraction: float = 0.0  # share of each step's episodes drawn on the training device (device_episodes)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -129,12 +131,49 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def episode_logits(model, episodes: list, device: str):
-    """Logits [N,1,D,H,W] and targets for every class of every episode, in one flattened batch.
+@dataclass
+class FlatBatch:
+    """The network inputs of a step's episodes, flattened: every distinct image once, one row per class.
 
-    All distinct images are encoded once; each (class, reference) pair gives tokens, averaged per class
-    over its references; each class is decoded on its episode's target features.
+    `ref_index`/`groups` give each (class, reference) pair its image and its class row; `target_index`
+    gives each class row its target image. Episodes drawn on the CPU (`flatten_episodes`) and on the
+    device (`device_episodes`) meet here, so one network pass serves both.
     """
+
+    images: Any  # [M, 1, D, H, W]
+    ref_index: Any  # [P] long
+    ref_prompts: Any  # [P, 5, D, H, W]
+    groups: Any  # [P] long: the class row of each pair
+    target_index: Any  # [N] long
+    target_prompts: Any  # [N, 5, D, H, W]
+    masks: Any  # [N, 1, D, H, W] float
+
+    def joined(self, other: FlatBatch) -> FlatBatch:
+        """Both batches in one (indices of `other` shifted past this one's images and rows)."""
+        import torch
+
+        images, rows = self.images.shape[0], self.target_index.shape[0]
+        return FlatBatch(torch.cat([self.images, other.images]), torch.cat([self.ref_index, other.ref_index + images]),
+                         torch.cat([self.ref_prompts, other.ref_prompts]), torch.cat([self.groups, other.groups + rows]),
+                         torch.cat([self.target_index, other.target_index + images]),
+                         torch.cat([self.target_prompts, other.target_prompts]), torch.cat([self.masks, other.masks]))
+
+    def select(self, rows) -> FlatBatch:
+        """The class rows `rows` (long tensor) alone, with only the images they use."""
+        import torch
+
+        pairs = torch.isin(self.groups, rows)
+        row_map = torch.full((self.target_index.shape[0],), -1, dtype=torch.long, device=rows.device)
+        row_map[rows] = torch.arange(rows.shape[0], device=rows.device)
+        used = torch.unique(torch.cat([self.target_index[rows], self.ref_index[pairs]]))
+        image_map = torch.full((self.images.shape[0],), -1, dtype=torch.long, device=rows.device)
+        image_map[used] = torch.arange(used.shape[0], device=rows.device)
+        return FlatBatch(self.images[used], image_map[self.ref_index[pairs]], self.ref_prompts[pairs], row_map[self.groups[pairs]],
+                         image_map[self.target_index[rows]], self.target_prompts[rows], self.masks[rows])
+
+
+def flatten_episodes(episodes: list, device: str) -> FlatBatch:
+    """Numpy episodes as one FlatBatch on `device`; propagation reuses the target image as its reference."""
     import torch
 
     images, ref_index, ref_prompts, groups, target_index, target_prompts, masks = [], [], [], [], [], [], []
@@ -155,13 +194,30 @@ def episode_logits(model, episodes: list, device: str):
     def indices(values: list[int]):
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    features = model.encode_image(tensor(images)[:, None])
-    tokens = model.encode_task([f[indices(ref_index)] for f in features], tensor(ref_prompts)).float()
-    group = indices(groups)
-    summed = tokens.new_zeros((len(target_index),) + tokens.shape[1:]).index_add_(0, group, tokens)
-    tokens = summed / torch.bincount(group, minlength=len(target_index)).float()[:, None, None]
-    logits = model.decode([f[indices(target_index)] for f in features], tokens, tensor(target_prompts))
-    return logits.float(), tensor(masks)[:, None]
+    return FlatBatch(tensor(images)[:, None], indices(ref_index), tensor(ref_prompts), indices(groups), indices(target_index),
+                     tensor(target_prompts), tensor(masks)[:, None])
+
+
+def batch_logits(model, batch: FlatBatch):
+    """Logits [N,1,D,H,W] of every class row of `batch`.
+
+    All distinct images are encoded once; each (class, reference) pair gives tokens, averaged per class
+    over its references; each class is decoded on its target's features.
+    """
+    import torch
+
+    features = model.encode_image(batch.images)
+    tokens = model.encode_task([f[batch.ref_index] for f in features], batch.ref_prompts).float()
+    rows = batch.target_index.shape[0]
+    summed = tokens.new_zeros((rows,) + tokens.shape[1:]).index_add_(0, batch.groups, tokens)
+    tokens = summed / torch.bincount(batch.groups, minlength=rows).float()[:, None, None]
+    return model.decode([f[batch.target_index] for f in features], tokens, batch.target_prompts).float()
+
+
+def episode_logits(model, episodes: list, device: str):
+    """Logits [N,1,D,H,W] and targets for every class of every episode, in one flattened batch."""
+    batch = flatten_episodes(episodes, device)
+    return batch_logits(model, batch), batch.masks
 
 
 def segmentation_loss(logits, targets, dice_weight: float, bce_weight: float, voxel_weights=None):
@@ -180,17 +236,15 @@ def segmentation_loss(logits, targets, dice_weight: float, bce_weight: float, vo
     return dice_weight * soft.mean() + bce_weight * bce, dice
 
 
-def click_weights(episodes: list, weight: float, device: str):
+def click_weights(episodes: list | FlatBatch, weight: float, device: str):
     """BCE weights [N,1,D,H,W]: 1 + `weight` inside the target's positive/negative point spheres, so a
     click's neighbourhood ends up on the click's side; None when `weight` is 0."""
-    import torch
-
     from .episodes import POINT_CHANNELS
 
     if not weight:
         return None
-    points = np.concatenate([episode.target_prompts[:, POINT_CHANNELS].max(axis=1) for episode in episodes])
-    return torch.from_numpy(1.0 + weight * points[:, None].astype(np.float32)).to(device)
+    batch = episodes if isinstance(episodes, FlatBatch) else flatten_episodes(episodes, device)
+    return 1.0 + weight * batch.target_prompts[:, POINT_CHANNELS].amax(dim=1, keepdim=True)
 
 
 def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
@@ -402,6 +456,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     from ..devices import resolve_device
     from ..weights import save_weights
     from .data import CachedSubjects, load_cases, read_index
+    from .device_episodes import DeviceEpisodes, correct_own_predictions
     from .episodes import EpisodeConfig, EpisodeSampler
 
     started = time.monotonic()
@@ -413,6 +468,8 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         net_config, episode_config = NetConfig(**config.net), EpisodeConfig(**config.episodes)
     except (TypeError, ValueError) as error:
         raise InputError(f"invalid training config: {error}") from None
+    if not 0.0 <= config.device_synthetic_fraction <= 1.0:
+        raise InputError("invalid training config: device_synthetic_fraction must lie in [0, 1]")
     real, validation_cases, collections = None, [], ["synthetic"]
     if config.cache:
         real = CachedSubjects(load_cases(config.cache, "train"), net_config.patch_size, config.collection_weights,
@@ -420,6 +477,8 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         validation_cases = load_cases(config.cache, "validation", limit=config.validation_cases)
         collections += sorted({entry["collection"] for entry in read_index(config.cache)["cases"] if entry["split"] == "train"})
     sampler = EpisodeSampler(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, real)
+    on_device = round(config.episodes_per_step * config.device_synthetic_fraction)
+    device_episodes = DeviceEpisodes(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, device) if on_device else None
 
     model = WeakICLNet(net_config).to(device)
     ema = copy.deepcopy(model).eval()
@@ -432,7 +491,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     out.mkdir(parents=True, exist_ok=True)
     deadline = started + minutes * 60 if minutes else math.inf
     loader = torch.utils.data.DataLoader(
-        StepEpisodes(sampler, config.seed, config.episodes_per_step), batch_size=None,
+        StepEpisodes(sampler, config.seed, config.episodes_per_step - on_device), batch_size=None,
         sampler=range(state.step, config.total_steps), num_workers=config.workers, collate_fn=_unbatched)
     print(f"training on {hardware(device)}: step {state.step} -> {config.total_steps}"
           f"{f', at most {minutes:g} min' if minutes else ''}; real data: {config.cache or 'none (synthetic only)'}", flush=True)
@@ -449,21 +508,28 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     for episodes in loader:
         use_own_predictions(model, episodes, np.random.default_rng([config.seed, state.step, 1]),
                             config.self_prediction_fraction, episode_config, device, autocast)
+        batch, count = (flatten_episodes(episodes, device) if episodes else None), len(episodes)
+        if device_episodes is not None:
+            drawn = device_episodes.sample(state.step, on_device)
+            correct_own_predictions(lambda part: batch_logits(model, part), drawn, np.random.default_rng([config.seed, state.step, 3]),
+                                    config.self_prediction_fraction, autocast)
+            batch = drawn.inputs if batch is None else batch.joined(drawn.inputs)
+            count += len(drawn.modes)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, state.step)
         with autocast():
-            logits, targets = episode_logits(model, episodes, device)
-            loss, dice = segmentation_loss(logits, targets, config.dice_weight, config.bce_weight,
-                                           click_weights(episodes, config.click_loss_weight, device))
+            logits = batch_logits(model, batch)
+            loss, dice = segmentation_loss(logits, batch.masks, config.dice_weight, config.bce_weight,
+                                           click_weights(batch, config.click_loss_weight, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         update_ema(ema, model, min(config.ema_decay, (1 + state.step) / (10 + state.step)))
         state.step += 1
-        state.episodes += len(episodes)
+        state.episodes += count
         window.append((loss.item(), dice.mean().item()))
-        window_episodes += len(episodes)
+        window_episodes += count
         if state.step % config.log_every == 0 or state.step == config.total_steps:
             rate = window_episodes / max(time.monotonic() - window_start, 1e-9)
             entry = {"step": state.step, "loss": float(np.mean([w[0] for w in window])), "dice": float(np.mean([w[1] for w in window])),

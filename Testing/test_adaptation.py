@@ -1,0 +1,48 @@
+"""The test-time appearance probe: labels from slice boxes, a linear probe on image features."""
+
+import numpy as np
+import pytest
+
+from weakicl.adaptation import appearance_logits, box_appearance_labels
+from weakicl.prompts import Box, PromptSet
+
+
+def test_slice_box_labels_its_centre_as_structure_and_its_surroundings_as_background():
+    labels = box_appearance_labels(PromptSet([Box((10, 20, 5), (29, 29, 5))]), (12, 50, 50))
+    sheet = labels[5]
+    assert np.all(labels[[0, 4, 6, 11]] == -1)  # only the annotated slice says anything
+    assert np.all(sheet[23:27, 15:25] == 1)  # central half: j 22.75-26.25, i 14.75-24.25
+    assert sheet[20, 10] == -1 and sheet[29, 29] == -1  # the box's own border: unknown
+    assert sheet[20, 9] == -1 and sheet[30, 20] == -1  # one voxel of tolerance for a loose box
+    assert sheet[20, 8] == 0 and sheet[31, 20] == 0 and sheet[20, 0] == 0  # just outside: background
+    assert sheet[20, 45] == -1 and sheet[40, 20] == -1  # farther than half the box size: unknown
+
+
+def test_3d_boxes_and_boxes_off_the_frame_label_nothing():
+    assert np.all(box_appearance_labels(PromptSet([Box((2, 2, 2), (8, 8, 8))]), (12, 12, 12)) == -1)
+    assert np.all(box_appearance_labels(PromptSet([Box((2, 2, 40), (8, 8, 40))]), (12, 12, 12)) == -1)
+
+
+def test_the_probe_learns_the_structure_s_look_from_one_annotated_slice():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    k, j, i = np.ogrid[:32, :32, :32]
+    bright = ((k - 16) ** 2 + (j - 16) ** 2 + (i - 16) ** 2) < 8**2
+    image = torch.from_numpy((bright + 0.2 * rng.standard_normal(bright.shape)).astype(np.float32))[None, None]
+    labels = box_appearance_labels(PromptSet([Box((8, 8, 16), (24, 24, 16))]), bright.shape)
+    logits = appearance_logits([F.avg_pool3d(image, 2)], image, labels)
+    assert logits.shape == bright.shape
+    unlabelled = labels < 0
+    # voxels on other slices, never labelled, follow the look: bright ones positive, dark ones negative
+    assert (logits.numpy()[bright & unlabelled] > 0).mean() > 0.9
+    assert (logits.numpy()[~bright & unlabelled] < 0).mean() > 0.9
+
+
+def test_no_probe_without_both_structure_and_background_labels():
+    torch = pytest.importorskip("torch")
+
+    image = torch.zeros((1, 1, 8, 8, 8))
+    assert appearance_logits([], image, np.full((8, 8, 8), -1, np.int8)) is None
+    assert appearance_logits([], image, np.ones((8, 8, 8), np.int8)) is None
