@@ -46,3 +46,11 @@ def test_no_probe_without_both_structure_and_background_labels():
     image = torch.zeros((1, 1, 8, 8, 8))
     assert appearance_logits([], image, np.full((8, 8, 8), -1, np.int8)) is None
     assert appearance_logits([], image, np.ones((8, 8, 8), np.int8)) is None
+
+
+def test_clicks_label_their_neighbourhood_on_their_side():
+    from weakicl.prompts import Point
+
+    labels = box_appearance_labels(PromptSet(points=[Point((5, 5, 5), True), Point((12, 12, 12), False)]), (20, 20, 20))
+    assert np.all(labels[4:7, 4:7, 4:7] == 1) and np.all(labels[11:14, 11:14, 11:14] == 0)
+    assert (labels >= 0).sum() == 2 * 27

@@ -217,7 +217,9 @@ def test_boxes_drawn_on_oblique_slices_guide_the_segmentation(segmenter, phantom
     assert prediction.probabilities[0][region].max() > 0.5  # the hull prior of the oblique boxes is read
 
 
-def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phantom):
+def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phantom, monkeypatch):
+    from weakicl import session
+
     volume, truth = phantom
     boxes = slice_boxes(truth)
     task = segmenter.encode_context([(volume, boxes)])
@@ -231,8 +233,13 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
         kji = tuple(int(round(c)) for c in click.ijk[::-1])
         assert seeded[kji] == click.positive
     network = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks, network_only=True)
+    probed = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks)
+    outside_region = np.ones(truth.shape, bool)
+    outside_region[network.changed_kji] = False
+    assert np.array_equal(probed.masks[0][outside_region], network.masks[0][outside_region])  # the rest of `first` stands
+    monkeypatch.setattr(session, "APPEARANCE_WEIGHT", 0.0)
     seeded = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks)
     differ = np.argwhere(network.masks[0] != seeded.masks[0])
     spacing_kji = np.asarray(volume.geometry.spacing)[::-1]
     near = [min(np.linalg.norm((voxel - np.asarray(p.ijk)[::-1]) * spacing_kji) for p in clicks.points) for voxel in differ]
-    assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # only the seed balls differ
+    assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without the probe, only the seed balls differ

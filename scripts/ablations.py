@@ -15,6 +15,7 @@ are not affordable on a CPU: these are all choices made at inference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakicl import preprocess, session
+from weakicl import session
 from weakicl.evaluation.manifest import load_case, read_manifest, select_structures, structure_mask
 from weakicl.evaluation.metrics import dice
 from weakicl.evaluation.protocols import Settings, structure_rng, target_prompts
@@ -52,17 +53,17 @@ def _unchanged():
     return patch
 
 
-VARIANTS = {
-    "engine": (_unchanged(), "as shipped: isotropic working grid, box hull 0.6 gap past the outer boxes, appearance probe 0.5"),
-    "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), "without the test-time appearance probe"),
-    "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), "appearance probe at weight 1"),
-    "hull-not-extended": (_patched(session, "HULL_EXTENSION_GAPS", 0.0), "box hull only between the outer boxes"),
-    "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), "box hull a whole gap past the outer boxes"),
-    "anisotropy-1.5": (_patched(preprocess, "MAX_ANISOTROPY", 1.5), "thick slices interpolated to 1.5x the pixel size"),
-    "anisotropy-2": (_patched(preprocess, "MAX_ANISOTROPY", 2.0), "thick slices interpolated to 2x the pixel size"),
-    "anisotropy-3": (_patched(preprocess, "MAX_ANISOTROPY", 3.0), "thick slices interpolated to 3x the pixel size"),
-    "kept-slices": (_patched(preprocess, "MAX_ANISOTROPY", 1e6), "slice thickness kept (the engine before)"),
-    "token-tuning": (_unchanged(), f"task tokens tuned {TUNING_STEPS} Adam steps (lr {TUNING_LR}) against the box constraints"),
+VARIANTS = {  # name: (module constant patched, frame settings changed, what it is)
+    "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes, appearance probe 0.5"),
+    "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), {}, "without the test-time appearance probe"),
+    "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), {}, "appearance probe at weight 1"),
+    "hull-not-extended": (_patched(session, "HULL_EXTENSION_GAPS", 0.0), {}, "box hull only between the outer boxes"),
+    "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
+    "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
+    "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
+    "anisotropy-3": (_unchanged(), {"max_anisotropy": 3.0}, "thick slices interpolated to 3x the pixel size"),
+    "kept-slices": (_unchanged(), {"max_anisotropy": 1e6}, "slice thickness kept (the engine before)"),
+    "token-tuning": (_unchanged(), {}, f"task tokens tuned {TUNING_STEPS} Adam steps (lr {TUNING_LR}) against the box constraints"),
 }
 
 
@@ -127,12 +128,13 @@ def tuned_task(segmenter: Segmenter, volume, task: TaskEmbedding, prompts) -> Ta
 
 
 def run_variant(name: str, structures: list, weights: Path) -> dict:
-    patch, _ = VARIANTS[name]
+    patch, framing, _ = VARIANTS[name]
     settings = Settings("propagate")
     scores: dict[str, list[float]] = {}
     started = time.perf_counter()
     with patch():
         segmenter = Segmenter(weights, "cpu")
+        segmenter.framing = dataclasses.replace(segmenter.framing, **framing)
         for structure in structures:
             volume, _ = load_case(structure.case)
             truth = structure_mask(structure)
@@ -142,7 +144,7 @@ def run_variant(name: str, structures: list, weights: Path) -> dict:
                 task = tuned_task(segmenter, volume, task, prompts)
             mask = segmenter.segment(volume, task, prompts).masks[0]
             scores.setdefault(structure.group, []).append(float(dice(mask, truth)))
-    return {"variant": name, "what": VARIANTS[name][1], "seconds": time.perf_counter() - started,
+    return {"variant": name, "what": VARIANTS[name][2], "seconds": time.perf_counter() - started,
             "dice": {group: {"mean": float(np.mean(values)), "n": len(values)} for group, values in scores.items()}}
 
 

@@ -1,6 +1,6 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/v0.1/results.json reports/v0.1-unaligned/results.json
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.3/results.json reports/engine-0.3-cross/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
 that produced it) to the JSON card beside the weights, and renders from that card

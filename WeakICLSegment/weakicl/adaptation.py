@@ -16,6 +16,8 @@ import numpy as np
 from .prompts import PromptSet
 
 APPEARANCE_WEIGHT = 0.5  # of the probe's logit added to the network's (1.0 broke a vertebra: 0.66 -> 0.45)
+APPEARANCE_LIMIT = 1.5  # the most the probe moves a logit: where the network is sure, it stands (unbounded,
+# far look-alikes became stray components: unseen HD95 18.4 mm against 11.3 mm, Dice 0.725 against 0.724)
 CORE_FRACTION = 0.5  # central part of a slice box taken as the structure, as GrowCut's seeds
 OUTSIDE_BAND = 0.5  # background samples within this fraction of the box size around it
 FEATURE_LEVELS = 3  # encoder levels whose features the probe reads (finest first)
@@ -25,7 +27,8 @@ PROBE_ITERATIONS = 100
 
 def box_appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, int]) -> np.ndarray:
     """int8 labels in frame voxels (KJI): 1 the central part of each slice box, 0 just outside it (one
-    voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), -1 unknown. `frame_prompts`
+    voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3 voxels of each
+    point prompt its side, -1 unknown. `frame_prompts`
     are in frame IJK (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
     labels = np.full(shape_kji, -1, dtype=np.int8)
     for box in frame_prompts.boxes:
@@ -47,6 +50,11 @@ def box_appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, i
         sheet[band & ~_rectangle(sheet.shape, low - 1.0, high + 1.0) & (sheet != 1)] = 0
         centre, half = (low + high) / 2, (high - low) * CORE_FRACTION / 2
         sheet[_rectangle(sheet.shape, centre - half, centre + half)] = 1
+    for point in frame_prompts.points:  # a click says for sure what its voxel and its neighbours are
+        centre = np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
+        lo, hi = np.maximum(centre - 1, 0), np.minimum(centre + 2, shape_kji)
+        if np.all(hi > lo):
+            labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
     return labels
 
 

@@ -36,17 +36,10 @@ def normalize_intensity(array: np.ndarray, modality: str = "auto") -> np.ndarray
     return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-6)).astype(np.float32)
 
 
-MAX_ANISOTROPY = 1.0  # the network saw near-isotropic grids only (thick slices interpolated back, up to 4x)
-
-
 def working_spacing(spacing_ijk, minimum_mm: float) -> tuple[float, float, float]:
-    """Finer axes are coarsened to `minimum_mm`, and thick slices are interpolated down to
-    MAX_ANISOTROPY times the finest axis. Keeping 6 mm slices, the network saw squashed structures and
-    fell below the boxes it was given: hippocampus 0.41 against box interpolation's 0.74; interpolated
-    to a maximum anisotropy of 1 / 1.5 / 2 / 3 it reached 0.77 / 0.72 / 0.66 / 0.58, and 18 unseen
-    structures 0.64 / 0.66 / 0.67 / 0.67 (0.63 kept; `scripts/make_thick_slices.py`, docs/EVALUATION.md)."""
-    coarsened = [max(float(s), minimum_mm) for s in spacing_ijk]
-    return tuple(min(s, MAX_ANISOTROPY * min(coarsened)) for s in coarsened)
+    """Finer axes are coarsened to `minimum_mm`; coarser ones are kept (no invented detail, and no
+    whole-volume array grows: prompt-centred frames make thick slices isotropic, `weakicl.framing`)."""
+    return tuple(max(float(s), minimum_mm) for s in spacing_ijk)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .adaptation import APPEARANCE_WEIGHT, appearance_logits, box_appearance_labels
+from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, appearance_logits, box_appearance_labels
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
@@ -265,8 +265,9 @@ class Segmenter:
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
         unless `align_context` is False, each class starts from its context registered to the target.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
-        click, and a propagation from slice boxes adds a probe of the image's appearance fitted to what
-        the boxes say for sure (`weakicl.adaptation`); `network_only` turns both off: the network's output
+        click, and the network's logits get a bounded share of a probe of the image's appearance fitted
+        to what the slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), in propagation
+        and in corrections alike (else a click would undo it); `network_only` turns both off: the network's output
         alone (the evaluation's ablation `model-network-only`).
         """
         progress = progress or _silent
@@ -315,7 +316,7 @@ class Segmenter:
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
         framed = self._sliding_window(image, channels, task, progress)
-        if not network_only and previous_mask is None and prompts is not None:
+        if not network_only and prompts is not None:
             framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts))
         region = frame.region(target.geometry.shape_kji)
         probabilities = np.zeros((1,) + target.geometry.shape_kji, dtype=np.float32)
@@ -328,7 +329,8 @@ class Segmenter:
 
     def _adapted_to_appearance(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with APPEARANCE_WEIGHT times the logits of a
-        probe fitted to what the slice boxes say for sure (`weakicl.adaptation`); unchanged without slice boxes."""
+        probe fitted to what the slice boxes and clicks say for sure (`weakicl.adaptation`), bounded by
+        APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels."""
         import torch
 
         labels = box_appearance_labels(frame_prompts, image.shape)
@@ -343,7 +345,7 @@ class Segmenter:
         if probe is None:
             return probabilities
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
-        logits = np.log(clipped / (1.0 - clipped)) + APPEARANCE_WEIGHT * probe.cpu().numpy()[recover]
+        logits = np.log(clipped / (1.0 - clipped)) + np.clip(APPEARANCE_WEIGHT * probe.cpu().numpy()[recover], -APPEARANCE_LIMIT, APPEARANCE_LIMIT)
         return (0.5 * (1.0 + np.tanh(logits / 2.0))).astype(np.float32)  # the sigmoid, without overflow
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,

@@ -2,7 +2,7 @@
 one-page summary first, then the tables and figures).
 
 `report.md` is made from what `results.json` holds, so a change of layout is applied to an existing
-run without evaluating again: `python -m weakicl.evaluation.report reports/v0.1`.
+run without evaluating again: `python -m weakicl.evaluation.report reports/engine-0.3`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why: drawn in numpy by DataLoader workers (`synthetic` + `episodes`), synthetic episodes bound a GPU
 run by its CPU cores. This module draws the same kind of tasks on the device the network trains on and
-returns them as network inputs (`loop.FlatBatch`): random label layouts (the `synthetic` shape kinds),
+returns them as network inputs (`flat_batch.FlatBatch`): random label layouts (the `synthetic` shape kinds),
 subjects that are smooth deformations of their layout and share its contrast, rendered with blur, bias
 field, thick slices, noise and gamma; weak prompts rasterised in PROMPT_CHANNELS; the modes of
 `episodes` (propagate, cross, atlas, correction).
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..preprocess import MR_PERCENTILES
 from ..prompts import FOREGROUND_CHANNELS, MASK_CHANNEL, PROMPT_CHANNELS
 from .episodes import ATLAS_SCALE_JITTER, ATLAS_SHIFT_VOXELS, MIN_CLASS_VOXELS, EpisodeConfig, _choose
-from .loop import FlatBatch
+from .flat_batch import FlatBatch
 from .synthetic import MIN_STRUCTURE_VOXELS, SHAPE_KINDS, SHAPE_WEIGHTS, random_rotation
 
 DEVICE_STREAM = 2  # the step's seed is [seed, s, 2]; the CPU sampler uses [seed, s], its self-prediction [seed, s, 1]
