@@ -237,13 +237,13 @@ def test_a_shipped_report_is_rebuilt_from_its_results_with_a_summary_legends_and
 
     from weakicl.evaluation.report import rewrite_report
 
-    folder = tmp_path / "v0.1"
+    folder = tmp_path / "engine-0.3"
     (folder / "figures").mkdir(parents=True)
-    shutil.copy(ROOT / "reports" / "v0.1" / "results.json", folder / "results.json")
+    shutil.copy(ROOT / "reports" / "engine-0.3" / "results.json", folder / "results.json")
     report = rewrite_report(folder).read_text()
     assert report.index("## Summary") < report.index("## How this was run") < report.index("### validation")
     assert "growcut is better" in report and "not a medical device" in report
-    single = [line for line in report.splitlines() if line.startswith("| model | aorta | 1 |")]
+    single = [line for line in report.splitlines() if line.startswith("| model | brain_stem | 1 |")]
     assert single and "[" not in single[0]
     assert report.count("*Bars:") == len(list((folder / "figures").glob("dice-*.png")))
     widths = [Image.open(path).size[0] for path in (folder / "figures").glob("*.png")]
