@@ -25,7 +25,7 @@ L2_PENALTY = 1e-2
 PROBE_ITERATIONS = 100
 
 
-def box_appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, int]) -> np.ndarray:
+def appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, int]) -> np.ndarray:
     """int8 labels in frame voxels (KJI): 1 the central part of each slice box, 0 just outside it (one
     voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3 voxels of each
     point prompt its side, -1 unknown. `frame_prompts`
@@ -73,7 +73,7 @@ def appearance_logits(features: list, image, labels: np.ndarray):
     None when the labels hold no structure or no background voxel.
 
     `features` are the image encoder's levels for `image` [1, 1, D, H, W]; `labels` (D, H, W) as from
-    `box_appearance_labels` on the same padded grid. A level's features are upsampled (trilinear) to
+    `appearance_labels` on the same padded grid. A level's features are upsampled (trilinear) to
     the image one level at a time; the probe is linear, so its map is the sum of per-level maps
     upsampled, never all features at full resolution at once.
     """

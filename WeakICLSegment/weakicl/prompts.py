@@ -287,7 +287,7 @@ def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: 
         else:
             hull[_box_slices(box, shape_kji, thicken=True)] = 1.0
     for axis, slice_boxes in by_axis.items():
-        slice_boxes = sorted(slice_boxes, key=lambda b: (b.lo_ijk[axis] + b.hi_ijk[axis]) / 2)
+        slice_boxes = sorted(slice_boxes, key=lambda b: _position(b, axis))
         for box in slice_boxes:
             hull[_box_slices(box, shape_kji, thicken=False)] = 1.0
         for first, second in zip(slice_boxes, slice_boxes[1:]):
@@ -297,23 +297,24 @@ def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: 
     return hull
 
 
+def _position(box: Box, axis: int) -> float:
+    """Where a slice box lies along its thin axis (IJK)."""
+    return (box.lo_ijk[axis] + box.hi_ijk[axis]) / 2
+
+
 def _extend_outwards(hull: np.ndarray, slice_boxes: list[Box], axis: int, gaps: float) -> None:
     """Repeat the outermost of sorted parallel slice boxes `gaps` mean box gaps beyond them."""
-    def position(box: Box) -> float:
-        return (box.lo_ijk[axis] + box.hi_ijk[axis]) / 2
-
-    gap = (position(slice_boxes[-1]) - position(slice_boxes[0])) / (len(slice_boxes) - 1)
+    gap = (_position(slice_boxes[-1], axis) - _position(slice_boxes[0], axis)) / (len(slice_boxes) - 1)
     reach = int(np.ceil(gaps * gap - 1e-6))
     for box, direction in ((slice_boxes[0], -1), (slice_boxes[-1], 1)):
         for step in range(1, reach + 1):
             lo, hi = list(box.lo_ijk), list(box.hi_ijk)
-            lo[axis] = hi[axis] = nearest_voxel(position(box)) + direction * step
+            lo[axis] = hi[axis] = nearest_voxel(_position(box, axis)) + direction * step
             hull[_box_slices(Box(tuple(lo), tuple(hi)), hull.shape, thicken=False)] = 1.0
 
 
 def _fill_between(hull: np.ndarray, first: Box, second: Box, axis: int) -> None:
-    start = (first.lo_ijk[axis] + first.hi_ijk[axis]) / 2
-    stop = (second.lo_ijk[axis] + second.hi_ijk[axis]) / 2
+    start, stop = _position(first, axis), _position(second, axis)
     for position in range(nearest_voxel(start), nearest_voxel(stop) + 1):
         weight = 0.0 if stop == start else (position - start) / (stop - start)
         weight = min(max(weight, 0.0), 1.0)

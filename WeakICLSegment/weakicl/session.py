@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, appearance_logits, box_appearance_labels
+from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, appearance_logits, appearance_labels
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
@@ -46,7 +46,7 @@ CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCu
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 # the box hull goes on this fraction of a box gap past the outermost slice boxes (the structure does):
-# 18 unseen structures 0.662 -> 0.704 (a whole gap: 0.714, but the hippocampus lost 0.006)
+# 18 unseen structures 0.680 -> 0.724 (a whole gap: 0.735, but the hippocampus lost 0.005; reports/ablations)
 HULL_EXTENSION_GAPS = 0.6
 
 
@@ -315,9 +315,10 @@ class Segmenter:
         frame = self._frame(target, prompts, previous_mask, new_prompts)
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
-        framed = self._sliding_window(image, channels, task, progress)
+        encoded: list = []  # the frame's image features when one window covers it (the probe reads them)
+        framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
         if not network_only and prompts is not None:
-            framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts))
+            framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts), encoded)
         region = frame.region(target.geometry.shape_kji)
         probabilities = np.zeros((1,) + target.geometry.shape_kji, dtype=np.float32)
         if previous_mask is not None:
@@ -327,20 +328,24 @@ class Segmenter:
             _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
         return Prediction(probabilities, list(task.names), region)
 
-    def _adapted_to_appearance(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet) -> np.ndarray:
+    def _adapted_to_appearance(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
+                               features: list) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with APPEARANCE_WEIGHT times the logits of a
         probe fitted to what the slice boxes and clicks say for sure (`weakicl.adaptation`), bounded by
-        APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels."""
+        APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels.
+        `features` are the padded frame's encoder levels when the sliding window computed them (else empty:
+        encoded here)."""
         import torch
 
-        labels = box_appearance_labels(frame_prompts, image.shape)
-        if not np.any(labels == 1):
+        labels = appearance_labels(frame_prompts, image.shape)
+        if not (np.any(labels == 1) and np.any(labels == 0)):  # nothing to fit: spare the encoder pass
             return probabilities
         padded, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
         shifted, _ = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
         tensor = self._tensor(padded[None, None])
-        with torch.no_grad():  # not inference mode: the probe is fitted with autograd on these features
-            features = self.model.encode_image(tensor)
+        if not features:
+            with torch.no_grad():
+                features = self.model.encode_image(tensor)
         probe = appearance_logits(features, tensor, shifted - 1)  # padding is unknown (-1)
         if probe is None:
             return probabilities
@@ -384,9 +389,10 @@ class Segmenter:
         return roi_around(region, ROI_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self.config.patch_size)
 
     def _sliding_window(self, image: np.ndarray, channels: np.ndarray | None, task: TaskEmbedding, progress: ProgressCallback,
-                        priors: np.ndarray | None = None) -> np.ndarray:
+                        priors: np.ndarray | None = None, encoded: list | None = None) -> np.ndarray:
         """Class probabilities over `image`; prompt `channels` (5, ...; None: no prompts) are shared by
-        the classes, `priors` (N, ...) replace the mask channel of each class."""
+        the classes, `priors` (N, ...) replace the mask channel of each class. When one window covers the
+        padded image, its encoder features are appended to `encoded` (so they are not computed again)."""
         import torch
         from monai.inferers import sliding_window_inference
 
@@ -408,7 +414,10 @@ class Segmenter:
         def predict(window: torch.Tensor) -> torch.Tensor:
             """[W, 1+5(+N), ...] windows -> [W, N, ...] logits: every class of every window in one pass."""
             count = window.shape[0]
-            features = [f.repeat_interleave(classes, dim=0) for f in self.model.encode_image(window[:, :1])]
+            window_features = self.model.encode_image(window[:, :1])
+            if windows == 1 and encoded is not None:
+                encoded.extend(window_features)
+            features = [f.repeat_interleave(classes, dim=0) for f in window_features]
             if prompted:
                 prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat_interleave(classes, dim=0)
             else:

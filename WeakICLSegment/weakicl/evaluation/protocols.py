@@ -58,8 +58,9 @@ class Settings:
         return f"interactive ({start}, {self.clicks} click{'s' if self.clicks != 1 else ''})"
 
 
-def structure_rng(settings: Settings, structure: Structure) -> np.random.Generator:
-    return np.random.default_rng([settings.seed, zlib.crc32(structure.key.encode())])
+def structure_rng(settings: Settings, structure: Structure, stream: int = 0) -> np.random.Generator:
+    """The structure's seeded generator; `stream` 1 draws its clicks apart from its prompts (0)."""
+    return np.random.default_rng([settings.seed, zlib.crc32(structure.key.encode())] + ([stream] if stream else []))
 
 
 def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generator) -> PromptSet:
@@ -198,7 +199,7 @@ def evaluate(method: Method, structure: Structure, settings: Settings, pool: lis
         if settings.protocol == "interactive":
             record.click_dice = [dice(prediction, truth)]
             clicks: list[Point] = []
-            click_rng = np.random.default_rng([settings.seed, zlib.crc32(structure.key.encode()), 1])
+            click_rng = structure_rng(settings, structure, stream=1)
             while len(record.click_dice) <= settings.clicks:
                 click = corrective_click(prediction, truth, settings.jitter, click_rng)
                 if click is not None:  # once nothing is left to correct the curve stays flat
