@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weakicl.adaptation import appearance_logits, appearance_labels
+from weakicl.adaptation import appearance_labels, appearance_logits, features_at
 from weakicl.prompts import Box, PromptSet
 
 
@@ -54,3 +54,20 @@ def test_clicks_label_their_neighbourhood_on_their_side():
     labels = appearance_labels(PromptSet(points=[Point((5, 5, 5), True), Point((12, 12, 12), False)]), (20, 20, 20))
     assert np.all(labels[4:7, 4:7, 4:7] == 1) and np.all(labels[11:14, 11:14, 11:14] == 0)
     assert (labels >= 0).sum() == 2 * 27
+
+
+def test_features_are_read_where_a_trilinear_upsampling_puts_them():
+    """The probe reads coarse levels at the known voxels only: the values must be the upsampled
+    levels' there, clamped borders included, or it would learn from shifted features."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 1, 12, 20, 16, generator=generator)
+    coarse = torch.randn(1, 3, 3, 5, 4, generator=generator)
+    known = np.zeros((12, 20, 16), dtype=bool)
+    known[0], known[11, 19, 15], known[5, 7, 3] = True, True, True  # a whole edge slice and the far corner
+    read = features_at([image, coarse], np.nonzero(known), image.shape[2:])
+    upsampled = F.interpolate(coarse, size=(12, 20, 16), mode="trilinear", align_corners=False)
+    expected = torch.cat([image[0][:, known].T, upsampled[0][:, known].T], dim=1)
+    assert read.shape == (known.sum(), 4) and torch.allclose(read, expected, atol=1e-6)

@@ -168,3 +168,26 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     for name in ("checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/state.json", "weakicl.safetensors",
                  "weakicl.json", "validation.json"):
         assert (out / name).is_file(), name
+
+
+def test_gpu_session_script_packs_its_results_into_the_files_the_device_tool_brings_back(tmp_path):
+    """The lent-GPU session (train, then benchmark) on the CPU with a tiny config; the benchmark is cut
+    off by its timeout, and the rest must still come back: at most 8 files under OUT."""
+    import tarfile
+
+    from conftest import REPO
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN | {"total_steps": 2}))
+    out = tmp_path / "out"
+    environment = os.environ | {"CONFIG": str(config), "DEVICE": "cpu", "RESUME": "", "OUT": str(out), "BENCH_SECONDS": "0",
+                                "BENCH_TIMEOUT": "1", "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
+                                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_session.sh"), "1"], env=environment, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    assert files == ["checkpoint/ema.safetensors", "checkpoint/model.safetensors", "checkpoint/state.json", "results.tar.gz",
+                     "weakicl.json", "weakicl.safetensors"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"results/throughput.json", "results/validation.json", "results/train.log", "results/engine.log"} <= names

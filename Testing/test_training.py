@@ -220,7 +220,32 @@ def test_click_weights_weigh_the_loss_inside_point_prompts_only():
     assert weighted > plain
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02"])
+def test_far_negative_weights_weigh_background_beyond_the_distance_only():
+    import torch
+
+    from weakicl.training.loop import far_negative_weights
+
+    masks = torch.zeros(2, 1, 16, 16, 16)
+    masks[0, 0, 8, 8, 8] = 1.0  # the second row has no structure: all of it is far background
+    assert far_negative_weights(masks, 0.0, 3) is None
+    weights = far_negative_weights(masks, 2.0, 3)
+    assert weights.shape == masks.shape
+    assert torch.all(weights[0, 0, 5:12, 5:12, 5:12] == 1.0)  # within 3 voxels (chessboard): plain BCE
+    assert weights[0, 0, 8, 8, 12] == 3.0 and weights[0, 0, 0, 0, 0] == 3.0 and torch.all(weights[1] == 3.0)
+
+
+def test_one_shot_runs_warm_up_from_their_first_step_and_decay_with_the_clock():
+    from weakicl.training.loop import TrainConfig, learning_rate
+
+    config = TrainConfig(lr=1e-3, warmup_steps=10, total_steps=100_000, min_lr_fraction=0.05)
+    assert learning_rate(config, 9_000, 0.0, first_step=9_000) == pytest.approx(1e-4)  # resumed: warms up again
+    assert learning_rate(config, 9_010, 0.0, first_step=9_000) == pytest.approx(1e-3)
+    assert learning_rate(config, 9_500, 0.5, first_step=9_000) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert learning_rate(config, 9_600, 1.0, first_step=9_000) == pytest.approx(5e-5)  # the minutes are over: the floor
+    assert 0.95e-3 < learning_rate(config, 9_000) < 1e-3  # by steps: 9 % of total_steps, near the peak
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02", "cpu_v02b", "cpu_v02c", "gpu_v02"])
 def test_every_shipped_config_builds_its_network_and_sampler(name):
     from conftest import REPO
     from weakicl.network import NetConfig

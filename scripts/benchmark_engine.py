@@ -1,13 +1,15 @@
 """Engine speed, memory and click gains on synthetic CT volumes (not a test: it takes minutes).
 
     python scripts/benchmark_engine.py [--device cpu|cuda] [--threads 2] [--shapes 128x256x256 256x256x256]
-                                       [--large] [--weights FILE] [--out benchmarks/engine_cpu.json]
+                                       [--large] [--weights FILE] [--batch-volumes 3] [--no-growcut]
+                                       [--out benchmarks/engine_cpu.json]
 
 Per volume shape (KJI): model load, context encoding (3 slice boxes), whole-volume segmentation of
 another volume from the cached task (context registered onto it), in-volume propagation from the boxes,
 and 5 corrections placed by the evaluation's click protocol with the boxes still on the target (median
-seconds and Dice after each click), plus a batch of new volumes. Slicer's GrowCut (slicer-core) runs on
-the same volume, boxes and clicks in the same run as the reference. `--large` also measures the peak
+seconds and Dice after each click), plus a batch of new volumes (each registered afresh). Slicer's GrowCut
+(slicer-core) runs on the same volume, boxes and clicks in the same run as the reference, unless
+`--no-growcut` (a GPU machine without slicer-core). `--large` also measures the peak
 resident memory of propagation on a 512x512x300 CT in a fresh process. Times are wall-clock on this
 machine: compare ratios within one run, not across machines.
 """
@@ -36,7 +38,6 @@ from weakicl.simulation import corrective_click, slice_boxes
 from weakicl.volume import Geometry, Volume
 
 CLICKS = 5
-BATCH_VOLUMES = 4
 
 
 def synthetic_ct(shape_kji: tuple[int, int, int], seed: int) -> tuple[Volume, np.ndarray]:
@@ -79,15 +80,21 @@ def interactive(segment, truth: np.ndarray, first: np.ndarray) -> tuple[list[flo
     return seconds, scores
 
 
-def benchmark_shape(shape_kji, device: str, weights: str | None) -> dict:
+def new_volumes(base: Volume, count: int):
+    """`count` volumes unlike each other to the engine's caches (a scalar shift per volume), made one at a time."""
+    for number in range(1, count + 1):
+        yield Volume(base.array + np.float32(number), base.geometry, base.modality)
+
+
+def benchmark_shape(shape_kji, device: str, weights: str | None, batch_volumes: int, with_growcut: bool, align: bool) -> dict:
     reference, truth = synthetic_ct(shape_kji, 0)
     boxes = slice_boxes(truth)
     segmenter, load_seconds = timed(lambda: Segmenter(weights, device))
     task, encode_seconds = timed(lambda: segmenter.encode_context([(reference, boxes)]))
-    others = [synthetic_ct(shape_kji, seed)[0] for seed in range(1, 1 + BATCH_VOLUMES)]
-    whole, whole_seconds = timed(lambda: segmenter.segment(others[0], task))
-    _, cached_seconds = timed(lambda: segmenter.segment(others[0], task))  # registration cached: the network alone
-    _, batch_seconds = timed(lambda: [segmenter.segment(volume, task) for volume in others[1:]])
+    other = synthetic_ct(shape_kji, 1)[0]
+    whole, whole_seconds = timed(lambda: segmenter.segment(other, task, align_context=align))
+    _, cached_seconds = timed(lambda: segmenter.segment(other, task, align_context=align))  # registration cached: the network alone
+    _, batch_seconds = timed(lambda: [segmenter.segment(volume, task, align_context=align) for volume in new_volumes(other, batch_volumes)])
     propagated, propagate_seconds = timed(lambda: segmenter.segment(reference, task, target_prompts=boxes))
     first = propagated.masks[0]
 
@@ -96,10 +103,12 @@ def benchmark_shape(shape_kji, device: str, weights: str | None) -> dict:
         return segmenter.segment(reference, task, prompts, previous, new_prompts=PromptSet(points=clicks[-1:])).masks[0]
 
     model_seconds, model_dice = interactive(correct, truth, first)
-    growcut = GrowCut()
-    trial = Trial(None, reference, boxes, [(reference, boxes)])
-    growcut_first, growcut_seconds = timed(lambda: growcut.segment(trial, [], None))
-    growcut_click_seconds, growcut_dice = interactive(lambda clicks, previous: growcut.segment(trial, clicks, previous), truth, growcut_first)
+    growcut_seconds, growcut_click_seconds, growcut_dice = None, [], []
+    if with_growcut:
+        growcut = GrowCut()
+        trial = Trial(None, reference, boxes, [(reference, boxes)])
+        growcut_first, growcut_seconds = timed(lambda: growcut.segment(trial, [], None))
+        growcut_click_seconds, growcut_dice = interactive(lambda clicks, previous: growcut.segment(trial, clicks, previous), truth, growcut_first)
     return {
         "volume_kji": list(shape_kji),
         "spacing_ijk_mm": list(reference.geometry.spacing),
@@ -108,11 +117,12 @@ def benchmark_shape(shape_kji, device: str, weights: str | None) -> dict:
             "context_encoding": round(encode_seconds, 2),
             "whole_volume_with_registration": round(whole_seconds, 2),
             "whole_volume_cached_task": round(cached_seconds, 2),
-            f"batch_of_{BATCH_VOLUMES - 1}_new_volumes": round(batch_seconds, 2),
+            f"batch_of_{batch_volumes}_new_volumes": round(batch_seconds, 2),
+            "per_new_volume": round(batch_seconds / max(batch_volumes, 1), 3),
             "propagation_from_boxes": round(propagate_seconds, 2),
             "correction_median": round(statistics.median(model_seconds), 3) if model_seconds else None,
             "corrections": [round(s, 3) for s in model_seconds],
-            "growcut_propagation": round(growcut_seconds, 2),
+            "growcut_propagation": None if growcut_seconds is None else round(growcut_seconds, 2),
             "growcut_correction_median": round(statistics.median(growcut_click_seconds), 3) if growcut_click_seconds else None,
         },
         "dice_after_each_click": {"model": [round(d, 4) for d in model_dice], "growcut": [round(d, 4) for d in growcut_dice]},
@@ -140,6 +150,10 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["128x256x256"], help="volume shapes KxJxI")
     parser.add_argument("--large", action="store_true", help="also the peak memory of a 512x512x300 CT")
     parser.add_argument("--weights")
+    parser.add_argument("--batch-volumes", type=int, default=3, help="new volumes segmented one after another from the cached task")
+    parser.add_argument("--no-growcut", action="store_true", help="skip the GrowCut reference (no slicer-core here)")
+    parser.add_argument("--no-registration", action="store_true",
+                        help="whole volumes from the task tokens alone, every window (no SimpleITK here)")
     parser.add_argument("--out", default="benchmarks/engine_cpu.json")
     args = parser.parse_args()
     import torch
@@ -152,13 +166,20 @@ def main() -> int:
         "command": "python scripts/benchmark_engine.py " + " ".join(sys.argv[1:]),
         "device": args.device,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
-        "runs": [benchmark_shape(shape, args.device, args.weights) for shape in shapes],
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "runs": [],
+        "registration": not args.no_registration,
     }
-    if large_peak is not None:
-        results["peak_memory_mb_512x512x300_propagation"] = large_peak
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+    for shape in shapes:  # written after each shape: a run cut short keeps what it measured
+        results["runs"].append(benchmark_shape(shape, args.device, args.weights, args.batch_volumes, not args.no_growcut, not args.no_registration))
+        results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if args.device.startswith("cuda"):
+            results["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if large_peak is not None:
+            results["peak_memory_mb_512x512x300_propagation"] = large_peak
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 

@@ -11,9 +11,14 @@ Measured with the shipped weights (`scripts/ablations.py`): unseen structures +0
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .prompts import PromptSet
+
+if TYPE_CHECKING:
+    import torch
 
 APPEARANCE_WEIGHT = 0.5  # of the probe's logit added to the network's (1.0 broke a vertebra: 0.66 -> 0.45)
 APPEARANCE_LIMIT = 1.5  # the most the probe moves a logit: where the network is sure, it stands (unbounded,
@@ -68,20 +73,33 @@ def _rectangle(shape: tuple[int, int], low: np.ndarray, high: np.ndarray) -> np.
     return inside
 
 
+def features_at(levels: list, voxels_kji: tuple[np.ndarray, np.ndarray, np.ndarray], size) -> torch.Tensor:
+    """[N, channels of all levels] at N voxels (index arrays K, J, I) of the full grid `size`, each level
+    [1, C, ...] read where a trilinear upsampling to `size` (align_corners False) would put the voxel,
+    borders clamped alike: the same values, without upsampling any level whole."""
+    import torch
+    import torch.nn.functional as F
+
+    centres = np.stack([(2.0 * index + 1.0) / n - 1.0 for index, n in zip(voxels_kji[::-1], tuple(size)[::-1])], axis=1)
+    grid = torch.from_numpy(centres).float().to(levels[0].device).view(1, -1, 1, 1, 3)
+    return torch.cat([F.grid_sample(level, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, :, 0, 0].T
+                      for level in levels], dim=1)
+
+
 def appearance_logits(features: list, image, labels: np.ndarray):
     """The probe's logits [D, H, W] (a torch tensor on the features' device) over the padded frame, or
     None when the labels hold no structure or no background voxel.
 
     `features` are the image encoder's levels for `image` [1, 1, D, H, W]; `labels` (D, H, W) as from
-    `appearance_labels` on the same padded grid. A level's features are upsampled (trilinear) to
-    the image one level at a time; the probe is linear, so its map is the sum of per-level maps
-    upsampled, never all features at full resolution at once.
+    `appearance_labels` on the same padded grid. The probe reads each level at the known voxels as a
+    trilinear upsampling would; it is linear, so its map is the sum of per-level maps upsampled, never
+    all features at full resolution at once.
     """
     import torch
     import torch.nn.functional as F
 
-    known = torch.from_numpy(labels >= 0).to(image.device)
-    target = torch.from_numpy(labels[labels >= 0] == 1).float().to(image.device)
+    known = np.nonzero(labels >= 0)
+    target = torch.from_numpy(labels[known] == 1).float().to(image.device)
     if target.numel() == 0 or target.min() == target.max():
         return None
     levels = [image.float()] + [f.float() for f in features[:FEATURE_LEVELS]]
@@ -91,7 +109,7 @@ def appearance_logits(features: list, image, labels: np.ndarray):
         return level if level.shape[2:] == size else F.interpolate(level, size=size, mode="trilinear", align_corners=False)
 
     with torch.no_grad():
-        samples = torch.cat([full(level)[0][:, known].T for level in levels], dim=1)
+        samples = features_at(levels, known, size)
     mean, scale = samples.mean(dim=0), samples.std(dim=0) + 1e-4
     samples = (samples - mean) / scale
     weights = torch.zeros(samples.shape[1], device=samples.device, requires_grad=True)

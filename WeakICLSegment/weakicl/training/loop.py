@@ -79,6 +79,9 @@ class TrainConfig:
     workers: int = 0
     threads: int = 2
     device_synthetic_fraction: float = 0.0  # share of each step's episodes drawn on the training device (device_episodes)
+    far_negative_weight: float = 0.0  # extra BCE weight on background farther than far_negative_voxels from the structure
+    far_negative_voxels: int = 3  # (stray components far from the structure cost HD95 more than a rough border)
+    anneal_within_minutes: bool = False  # one-shot runs (a lent GPU): warm up from the resumed step, decay by the clock to --minutes
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -122,11 +125,16 @@ def _unbatched(item: list) -> list:
     return item
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr_fraction * lr` at `total_steps`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min((step - config.warmup_steps) / max(config.total_steps - config.warmup_steps, 1), 1.0)
+def learning_rate(config: TrainConfig, step: int, time_fraction: float | None = None, first_step: int = 0) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_fraction * lr` at `total_steps`. A one-shot run
+    (`anneal_within_minutes`) passes `time_fraction`, the share of its minutes spent: it warms up over its
+    own first `warmup_steps` from `first_step` and decays with the clock instead."""
+    warm = step - first_step if time_fraction is not None else step
+    if warm < config.warmup_steps:
+        return config.lr * (warm + 1) / config.warmup_steps
+    if time_fraction is None:
+        time_fraction = (step - config.warmup_steps) / max(config.total_steps - config.warmup_steps, 1)
+    progress = min(max(time_fraction, 0.0), 1.0)
     floor = config.min_lr_fraction
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -204,6 +212,24 @@ def click_weights(episodes: list | FlatBatch, weight: float, device: str):
         return None
     batch = episodes if isinstance(episodes, FlatBatch) else flatten_episodes(episodes, device)
     return 1.0 + weight * batch.target_prompts[:, POINT_CHANNELS].amax(dim=1, keepdim=True)
+
+
+def far_negative_weights(masks, weight: float, distance_voxels: int):
+    """BCE weights [N,1,D,H,W]: 1 + `weight` on background more than `distance_voxels` (chessboard) from
+    the structure, so stray components far away cost more than a rough border; None when `weight` is 0."""
+    import torch.nn.functional as F
+
+    if not weight:
+        return None
+    near = F.max_pool3d(masks.float(), 2 * distance_voxels + 1, stride=1, padding=distance_voxels)
+    return 1.0 + weight * (1.0 - near)
+
+
+def loss_weights(batch: FlatBatch, config: TrainConfig, device: str):
+    """The BCE's voxel weights of a step: click and far-background weights multiplied (None: uniform)."""
+    parts = [w for w in (click_weights(batch, config.click_loss_weight, device),
+                         far_negative_weights(batch.masks, config.far_negative_weight, config.far_negative_voxels)) if w is not None]
+    return parts[0] * parts[1] if len(parts) == 2 else (parts[0] if parts else None)
 
 
 def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
@@ -456,7 +482,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
           f"{f', at most {minutes:g} min' if minutes else ''}; real data: {config.cache or 'none (synthetic only)'}", flush=True)
     model.train()
     window, window_start, window_episodes = [], time.monotonic(), 0
-    session_start_seconds = state.seconds
+    session_start_seconds, first_step = state.seconds, state.step
 
     def checkpoint() -> None:
         state.seconds = session_start_seconds + time.monotonic() - started
@@ -474,12 +500,13 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
                                     config.self_prediction_fraction, autocast)
             batch = drawn.inputs if batch is None else batch.joined(drawn.inputs)
             count += len(drawn.modes)
+        time_fraction = (time.monotonic() - started) / (minutes * 60) if minutes and config.anneal_within_minutes else None
+        rate_now = learning_rate(config, state.step, time_fraction, first_step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, state.step)
+            group["lr"] = rate_now
         with autocast():
             logits = batch_logits(model, batch)
-            loss, dice = segmentation_loss(logits, batch.masks, config.dice_weight, config.bce_weight,
-                                           click_weights(batch, config.click_loss_weight, device))
+            loss, dice = segmentation_loss(logits, batch.masks, config.dice_weight, config.bce_weight, loss_weights(batch, config, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -492,7 +519,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         if state.step % config.log_every == 0 or state.step == config.total_steps:
             rate = window_episodes / max(time.monotonic() - window_start, 1e-9)
             entry = {"step": state.step, "loss": float(np.mean([w[0] for w in window])), "dice": float(np.mean([w[1] for w in window])),
-                     "lr": learning_rate(config, state.step - 1), "episodes_per_s": rate}
+                     "lr": rate_now, "episodes_per_s": rate}
             state.history.append(entry)
             print(f"step {state.step}: loss {entry['loss']:.4f}, dice {entry['dice']:.3f}, lr {entry['lr']:.2e}, {rate:.2f} episodes/s", flush=True)
             window, window_start, window_episodes = [], time.monotonic(), 0
