@@ -86,6 +86,28 @@ def features_at(levels: list, voxels_kji: tuple[np.ndarray, np.ndarray, np.ndarr
                       for level in levels], dim=1)
 
 
+def fit_logistic(samples: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights and bias of a class-balanced, L2-penalised logistic regression of `target` (0/1) on
+    `samples` [N, C], by L-BFGS (scipy: a small convex problem, fitted on the CPU whatever the device,
+    so a call neither pulls in torch.optim's compiler stack nor launches hundreds of tiny GPU kernels)."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    share = float(np.clip(target.mean(), 0.05, 0.95))
+    balance = np.where(target > 0, 0.5 / share, 0.5 / (1 - share)) / target.size  # as many structure as background
+
+    def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        weights, bias = theta[:-1], theta[-1]
+        logits = samples @ weights + bias
+        loss = float(balance @ (np.logaddexp(0.0, logits) - target * logits)) + L2_PENALTY * float(weights @ weights)
+        residual = balance * (expit(logits) - target)
+        return loss, np.concatenate([samples.T @ residual + 2 * L2_PENALTY * weights, [residual.sum()]])
+
+    theta = minimize(loss_and_gradient, np.zeros(samples.shape[1] + 1), jac=True, method="L-BFGS-B",
+                     options={"maxiter": PROBE_ITERATIONS}).x
+    return theta[:-1], float(theta[-1])
+
+
 def appearance_logits(features: list, image, labels: np.ndarray):
     """The probe's logits [D, H, W] (a torch tensor on the features' device) over the padded frame, or
     None when the labels hold no structure or no background voxel.
@@ -99,8 +121,8 @@ def appearance_logits(features: list, image, labels: np.ndarray):
     import torch.nn.functional as F
 
     known = np.nonzero(labels >= 0)
-    target = torch.from_numpy(labels[known] == 1).float().to(image.device)
-    if target.numel() == 0 or target.min() == target.max():
+    target = (labels[known] == 1).astype(np.float64)
+    if target.size == 0 or target.min() == target.max():
         return None
     levels = [image.float()] + [f.float() for f in features[:FEATURE_LEVELS]]
     size = image.shape[2:]
@@ -109,30 +131,15 @@ def appearance_logits(features: list, image, labels: np.ndarray):
         return level if level.shape[2:] == size else F.interpolate(level, size=size, mode="trilinear", align_corners=False)
 
     with torch.no_grad():
-        samples = features_at(levels, known, size)
-    mean, scale = samples.mean(dim=0), samples.std(dim=0) + 1e-4
-    samples = (samples - mean) / scale
-    weights = torch.zeros(samples.shape[1], device=samples.device, requires_grad=True)
-    bias = torch.zeros(1, device=samples.device, requires_grad=True)
-    share = target.mean().clamp(0.05, 0.95)
-    balance = torch.where(target > 0, 0.5 / share, 0.5 / (1 - share))  # as many structure as background
-    optimiser = torch.optim.LBFGS([weights, bias], max_iter=PROBE_ITERATIONS)
-
-    def loss() -> torch.Tensor:
-        optimiser.zero_grad()
-        value = F.binary_cross_entropy_with_logits(samples @ weights + bias, target, weight=balance)
-        value = value + L2_PENALTY * (weights**2).sum()
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        optimiser.step(loss)
+        samples = features_at(levels, known, size).cpu().double().numpy()
+    mean, scale = samples.mean(axis=0), samples.std(axis=0, ddof=1) + 1e-4
+    weights, bias = fit_logistic((samples - mean) / scale, target)
     with torch.no_grad():
         logits = torch.full(size, float(bias - (weights * mean / scale).sum()), device=image.device)
+        per_channel = torch.from_numpy(weights / scale).float().to(image.device)
         start = 0
         for level in levels:
             width = level.shape[1]
-            scaled = (weights[start:start + width] / scale[start:start + width]).view(1, width, 1, 1, 1)
-            logits += full((level * scaled).sum(dim=1, keepdim=True))[0, 0]
+            logits += full((level * per_channel[start:start + width].view(1, width, 1, 1, 1)).sum(dim=1, keepdim=True))[0, 0]
             start += width
     return logits

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, appearance_logits, appearance_labels
+from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
@@ -138,6 +138,7 @@ class Segmenter:
         self.model = model
         self.config = model.config
         self.device_name = device_name(self.device)
+        import monai.inferers  # noqa: F401  here, with the weights: else the first Segment press pays ~0.7 s of imports
         logger.info("running on %s", self.device_name)
         self.window_batch = 0  # windows per forward pass; 0: as many as the device's free memory allows
         self.framing = FrameSpec(**{"working_spacing_mm": self.config.working_spacing_mm, **self.config.extra.get("framing", {})})
@@ -315,9 +316,10 @@ class Segmenter:
         frame = self._frame(target, prompts, previous_mask, new_prompts)
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
-        encoded: list = []  # the frame's image features when one window covers it (the probe reads them)
+        probe = not network_only and prompts is not None
+        encoded: list | None = [] if probe else None  # the frame's encoder levels, for the probe
         framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
-        if not network_only and prompts is not None:
+        if probe:
             framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts), encoded)
         region = frame.region(target.geometry.shape_kji)
         probabilities = np.zeros((1,) + target.geometry.shape_kji, dtype=np.float32)
@@ -333,19 +335,13 @@ class Segmenter:
         """The network's probabilities (1, ...) in a frame with APPEARANCE_WEIGHT times the logits of a
         probe fitted to what the slice boxes and clicks say for sure (`weakicl.adaptation`), bounded by
         APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels.
-        `features` are the padded frame's encoder levels when the sliding window computed them (else empty:
-        encoded here)."""
-        import torch
-
+        `features` are the padded frame's encoder levels as the sliding window left them."""
         labels = appearance_labels(frame_prompts, image.shape)
-        if not (np.any(labels == 1) and np.any(labels == 0)):  # nothing to fit: spare the encoder pass
+        if not (np.any(labels == 1) and np.any(labels == 0)):  # nothing to fit
             return probabilities
         padded, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
         shifted, _ = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
         tensor = self._tensor(padded[None, None])
-        if not features:
-            with torch.no_grad():
-                features = self.model.encode_image(tensor)
         probe = appearance_logits(features, tensor, shifted - 1)  # padding is unknown (-1)
         if probe is None:
             return probabilities
@@ -391,8 +387,9 @@ class Segmenter:
     def _sliding_window(self, image: np.ndarray, channels: np.ndarray | None, task: TaskEmbedding, progress: ProgressCallback,
                         priors: np.ndarray | None = None, encoded: list | None = None) -> np.ndarray:
         """Class probabilities over `image`; prompt `channels` (5, ...; None: no prompts) are shared by
-        the classes, `priors` (N, ...) replace the mask channel of each class. When one window covers the
-        padded image, its encoder features are appended to `encoded` (so they are not computed again)."""
+        the classes, `priors` (N, ...) replace the mask channel of each class. With `encoded`, the padded
+        image's encoder levels are appended to it (the probe reads them, so they are not computed again):
+        the window's own when one window covers it, else the windows' levels blended like the logits."""
         import torch
         from monai.inferers import sliding_window_inference
 
@@ -409,6 +406,7 @@ class Segmenter:
         patch = tuple(min(n, WINDOW_PATCHES * p) for n, p in zip(padded_image.shape, self.config.patch_size))
         windows = math.prod(_window_count(n, p) for n, p in zip(padded_image.shape, patch))
         batch = self.window_batch if self.window_batch else self._fitting_window_batch(patch, classes)
+        blend_features = encoded is not None and windows > 1
         done = [0]
 
         def predict(window: torch.Tensor) -> torch.Tensor:
@@ -428,10 +426,14 @@ class Segmenter:
             logits = self.model.decode(features, tokens.repeat(count, 1, 1), prompts)
             done[0] += count
             progress(min(done[0] / windows, 1.0), f"segmenting window {done[0]}/{windows}")
-            return logits.reshape(count, classes, *logits.shape[2:])
+            logits = logits.reshape(count, classes, *logits.shape[2:])
+            return (logits, *window_features[:FEATURE_LEVELS]) if blend_features else logits
 
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
             logits = sliding_window_inference(inputs, patch, batch, predict, overlap=WINDOW_OVERLAP, mode="gaussian")
+        if blend_features:  # each level at its own scale (monai zooms the windows' positions)
+            logits, levels = logits[0], logits[1:]
+            encoded.extend(levels)
         probabilities = torch.sigmoid(logits.float())[0].cpu().numpy()
         return probabilities[(slice(None),) + recover]
 
