@@ -264,12 +264,13 @@ class Segmenter:
         correction: only the neighbourhood of the new prompts is recomputed and the rest of `previous`
         stands. Otherwise, with target prompts or a previous mask, a region around all of them is
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
-        unless `align_context` is False, each class starts from its context registered to the target.
+        unless `align_context` is False, each class starts from its context registered to the target, and
+        of several components those that nowhere reach the registered context are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
         click, and the network's logits get a bounded share of a probe of the image's appearance fitted
         to what the slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), in propagation
-        and in corrections alike (else a click would undo it); `network_only` turns both off: the network's output
-        alone (the evaluation's ablation `model-network-only`).
+        and in corrections alike (else a click would undo it); `network_only` turns all three off: the network's
+        output alone (the evaluation's ablation `model-network-only`).
         """
         progress = progress or _silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
@@ -296,6 +297,8 @@ class Segmenter:
         everywhere = (slice(None),) + roi
         probabilities[everywhere] = self._sliding_window(image[roi], None, task, progress,
                                                          None if priors is None else priors[everywhere])
+        if priors is not None and not network_only:
+            _drop_components_off_the_prior(probabilities, priors)
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
                         for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
@@ -476,6 +479,22 @@ def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, r
         grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
         inside = sum(((g - c) * d) ** 2 for g, c, d in zip(grids, centre, spacing_kji)) <= CLICK_SEED_MM**2
         probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
+
+
+def _drop_components_off_the_prior(probabilities: np.ndarray, priors: np.ndarray) -> None:
+    """Zero, in place, each class's connected components (26-connected, p > 0.5) that nowhere reach its
+    aligned context's prior above PRIOR_SEARCH_LEVEL: the registered context says where the structure
+    is, so a component wholly outside it is a look-alike elsewhere (cross-subject stray components)."""
+    from scipy import ndimage
+
+    for values, prior in zip(probabilities, priors):
+        components, count = ndimage.label(values > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+        if count < 2:
+            continue
+        reach = ndimage.maximum(prior, components, index=np.arange(1, count + 1))
+        off = np.flatnonzero(np.asarray(reach) <= PRIOR_SEARCH_LEVEL) + 1
+        if off.size:
+            values[np.isin(components, off)] = 0.0
 
 
 def _silent(fraction: float, message: str) -> None:
