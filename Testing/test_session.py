@@ -265,19 +265,17 @@ def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segme
         assert torch.allclose(blended[..., :2], own[..., :2], atol=1e-4)  # the first window's own columns
 
 
-def test_components_that_nowhere_reach_the_registered_context_are_dropped():
-    from weakicl.session import _drop_components_off_the_prior
+def test_components_that_nowhere_reach_what_the_prompts_or_the_context_point_to_are_dropped():
+    from weakicl.session import _drop_components_off
 
-    probabilities = np.zeros((2, 12, 12, 12), dtype=np.float32)
-    probabilities[:, 2:5, 2:5, 2:5] = 0.9  # where the context points
-    probabilities[:, 8:11, 8:11, 8:11] = 0.8  # a look-alike far from it
-    priors = np.zeros_like(probabilities)
-    priors[0, 3, 3, 3] = 0.5
-    priors[1, 9, 9, 9] = 0.5  # the second class's context points at the other blob
-    _drop_components_off_the_prior(probabilities, priors)
-    assert probabilities[0, 3, 3, 3] == 0.9 and probabilities[0, 9, 9, 9] == 0.0
-    assert probabilities[1, 3, 3, 3] == 0.0 and probabilities[1, 9, 9, 9] == 0.8
-    alone = np.zeros((1, 12, 12, 12), dtype=np.float32)
-    alone[0, 8:11, 8:11, 8:11] = 0.8
-    _drop_components_off_the_prior(alone, np.zeros_like(alone))
+    values = np.zeros((12, 12, 12), dtype=np.float32)
+    values[2:5, 2:5, 2:5] = 0.9  # where the support points
+    values[8:11, 8:11, 8:11] = 0.8  # a look-alike far from it
+    support = np.zeros_like(values)
+    support[3, 3, 3] = 0.5
+    _drop_components_off(values, support, 0.05)
+    assert values[3, 3, 3] == 0.9 and values.max() == 0.9 and values[9, 9, 9] == 0.0
+    alone = np.zeros((12, 12, 12), dtype=np.float32)
+    alone[8:11, 8:11, 8:11] = 0.8
+    _drop_components_off(alone, np.zeros_like(alone), 0.05)
     assert alone.max() == 0.8  # a single component stands: a registration can be off, an empty mask helps no one

@@ -54,10 +54,13 @@ def _unchanged():
 
 
 VARIANTS = {  # name: (module constant patched, frame settings changed, what it is)
-    "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes, appearance probe 0.5"),
+    "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes, appearance probe 0.5, "
+               "components off the prompts dropped"),
     "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), {}, "without the test-time appearance probe"),
     "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), {}, "appearance probe at weight 1"),
     "hull-not-extended": (_patched(session, "HULL_EXTENSION_GAPS", 0.0), {}, "box hull only between the outer boxes"),
+    "components-kept": (_patched(session, "_drop_components_off", lambda values, support, level: None), {},
+                        "every component kept, also those nowhere near the boxes"),
     "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
     "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--validation", type=int, default=30, help="validation structures (the first N; default 30)")
     parser.add_argument("--variants", nargs="+", default=["engine", "no-appearance-probe", "appearance-probe-1", "hull-not-extended",
-                                                          "hull-extended-1-gap", "token-tuning"],
+                                                          "hull-extended-1-gap", "components-kept", "token-tuning"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--weights", default=None)
     parser.add_argument("--out", required=True)

@@ -298,7 +298,8 @@ class Segmenter:
         probabilities[everywhere] = self._sliding_window(image[roi], None, task, progress,
                                                          None if priors is None else priors[everywhere])
         if priors is not None and not network_only:
-            _drop_components_off_the_prior(probabilities, priors)
+            for values, prior in zip(probabilities, priors):
+                _drop_components_off(values, prior, PRIOR_SEARCH_LEVEL)
         original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
                         for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
@@ -324,6 +325,8 @@ class Segmenter:
         framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
         if probe:
             framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts), encoded)
+            if previous_mask is None:  # propagation: the boxes, their hull and positive points say where
+                _drop_components_off(framed[0], foreground_prior(channels), 0.0)
         region = frame.region(target.geometry.shape_kji)
         probabilities = np.zeros((1,) + target.geometry.shape_kji, dtype=np.float32)
         if previous_mask is not None:
@@ -481,20 +484,20 @@ def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, r
         probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
 
 
-def _drop_components_off_the_prior(probabilities: np.ndarray, priors: np.ndarray) -> None:
-    """Zero, in place, each class's connected components (26-connected, p > 0.5) that nowhere reach its
-    aligned context's prior above PRIOR_SEARCH_LEVEL: the registered context says where the structure
-    is, so a component wholly outside it is a look-alike elsewhere (cross-subject stray components)."""
+def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) -> None:
+    """Zero, in place, the connected components of `values` (26-connected, p > 0.5) that nowhere reach
+    `support` above `level`, when there are several: what the prompts or the registered context point to
+    is where the structure is, so a component wholly away from it is a look-alike elsewhere. A single
+    component stands (a registration can be off; an empty mask helps no one)."""
     from scipy import ndimage
 
-    for values, prior in zip(probabilities, priors):
-        components, count = ndimage.label(values > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
-        if count < 2:
-            continue
-        reach = ndimage.maximum(prior, components, index=np.arange(1, count + 1))
-        off = np.flatnonzero(np.asarray(reach) <= PRIOR_SEARCH_LEVEL) + 1
-        if off.size:
-            values[np.isin(components, off)] = 0.0
+    components, count = ndimage.label(values > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+    if count < 2:
+        return
+    reach = ndimage.maximum(support, components, index=np.arange(1, count + 1))
+    off = np.flatnonzero(np.asarray(reach) <= level) + 1
+    if off.size:
+        values[np.isin(components, off)] = 0.0
 
 
 def _silent(fraction: float, message: str) -> None:
