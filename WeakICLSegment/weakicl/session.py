@@ -264,12 +264,13 @@ class Segmenter:
         correction: only the neighbourhood of the new prompts is recomputed and the rest of `previous`
         stands. Otherwise, with target prompts or a previous mask, a region around all of them is
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
-        unless `align_context` is False, each class starts from its context registered to the target, and
-        of several components those that nowhere reach the registered context are dropped.
+        unless `align_context` is False, each class starts from its context registered to the target.
+        In propagation and whole volumes, of several components those that nowhere reach what the prompts
+        or the registered context point to are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
         click, and the network's logits get a bounded share of a probe of the image's appearance fitted
         to what the slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), in propagation
-        and in corrections alike (else a click would undo it); `network_only` turns all three off: the network's
+        and in corrections alike (else a click would undo it); `network_only` turns all of these off: the network's
         output alone (the evaluation's ablation `model-network-only`).
         """
         progress = progress or _silent
