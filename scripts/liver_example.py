@@ -3,7 +3,8 @@
     python scripts/liver_example.py [--data ../shared/data] [--weights FILE]
 
 Segments exactly as `weakicl segment CT --prompts examples/liver_boxes.json --label liver` does (the
-target is its own context) and prints the Dice against the case's liver label (value 5).
+target is its own context) and prints the Dice against the case's liver label (value 5), beside the
+evaluation's GrowCut and box interpolation from the same boxes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakicl.evaluation.baselines import BoxInterpolation, GrowCut
 from weakicl.evaluation.metrics import dice
+from weakicl.evaluation.protocols import Trial
 from weakicl.prompts import read_prompts
 from weakicl.session import Segmenter
 from weakicl.volume import read_label_map, read_volume
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     task = segmenter.encode_context([(volume, prompts)], "liver")
     mask = segmenter.segment(volume, task, prompts).masks[0]
     print(f"liver Dice {dice(mask, truth):.3f} ({int(mask.sum())} voxels predicted, {int(truth.sum())} in the label)")
+    trial = Trial(None, volume, prompts, [(volume, prompts)])
+    for baseline in (GrowCut(), BoxInterpolation()):
+        print(f"{baseline.name} from the same boxes: Dice {dice(baseline.segment(trial, [], None), truth):.3f}")
     return 0
 
 
