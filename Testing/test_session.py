@@ -279,3 +279,13 @@ def test_components_that_nowhere_reach_what_the_prompts_or_the_context_point_to_
     alone[8:11, 8:11, 8:11] = 0.8
     _drop_components_off(alone, np.zeros_like(alone), 0.05)
     assert alone.max() == 0.8  # a single component stands: a registration can be off, an empty mask helps no one
+
+
+def test_caches_forget_the_least_recently_used_entry():
+    from weakicl.session import BoundedCache
+
+    cache = BoundedCache(3)
+    cache["a"], cache["b"], cache["c"] = 1, 2, 3
+    assert cache["a"] == 1  # read: "a" is now the most recent
+    cache["d"] = 4
+    assert list(cache) == ["c", "a", "d"]

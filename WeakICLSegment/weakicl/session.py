@@ -100,14 +100,20 @@ class Prepared(NamedTuple):
 
 
 class BoundedCache(OrderedDict):
-    """A dict that forgets its oldest entries beyond `size`."""
+    """A dict that forgets its least recently used entries beyond `size` (reading an entry keeps it: a
+    reference volume in use outlives the volumes of a batch that passed through once)."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
+        self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
 
