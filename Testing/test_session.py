@@ -246,8 +246,9 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
 
 
 def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom):
-    """The probe reads the sliding window's encoder levels instead of encoding the frame again: one per
-    level at the level's own scale, equal to the window's own features where one window alone covers."""
+    """The probe reads the sliding window's padded image and encoder levels instead of encoding the frame
+    again: one per level at the level's own scale, equal to the window's own features where one window
+    alone covers."""
     import torch
 
     from weakicl.adaptation import FEATURE_LEVELS
@@ -257,10 +258,12 @@ def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segme
     image = np.random.default_rng(0).standard_normal((16, 32, 96)).astype(np.float32)  # 3 windows of 48 along i
     encoded: list = []
     segmenter._sliding_window(image, None, task, lambda fraction, message: None, encoded=encoded)
-    assert len(encoded) == FEATURE_LEVELS
+    padded, *levels = encoded
+    assert torch.equal(padded, torch.from_numpy(image)[None, None])  # already a multiple of the downsampling
+    assert len(levels) == FEATURE_LEVELS
     with torch.no_grad():
         first_window = segmenter.model.encode_image(torch.from_numpy(image[None, None, :, :, :48]))
-    for level, (blended, own) in enumerate(zip(encoded, first_window)):
+    for level, (blended, own) in enumerate(zip(levels, first_window)):
         assert blended.shape[2:] == tuple(n // 2**level for n in image.shape)
         assert torch.allclose(blended[..., :2], own[..., :2], atol=1e-4)  # the first window's own columns
 

@@ -28,6 +28,7 @@ from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_exten
 from .preprocess import WorkingGrid, bounding_box, normalize_intensity, pad_to_multiple, roi_around, roi_from_bounds
 from .prompts import MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
 from .registration import AtlasItem, atlas_prior
+from .simulation import FULL_CONNECTIVITY
 from .volume import Geometry, Volume, volume_digest
 
 logger = logging.getLogger("weakicl")
@@ -328,7 +329,7 @@ class Segmenter:
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
         probe = not network_only and prompts is not None
-        encoded: list | None = [] if probe else None  # the frame's encoder levels, for the probe
+        encoded: list | None = [] if probe else None  # the padded frame and its encoder levels, for the probe
         framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
         if probe:
             framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts), encoded)
@@ -344,18 +345,17 @@ class Segmenter:
         return Prediction(probabilities, list(task.names), region)
 
     def _adapted_to_appearance(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
-                               features: list) -> np.ndarray:
+                               encoded: list) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with APPEARANCE_WEIGHT times the logits of a
         probe fitted to what the slice boxes and clicks say for sure (`weakicl.adaptation`), bounded by
         APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels.
-        `features` are the padded frame's encoder levels as the sliding window left them."""
+        `encoded` is the padded frame on the device and its encoder levels, as the sliding window left them."""
         labels = appearance_labels(frame_prompts, image.shape)
         if not (np.any(labels == 1) and np.any(labels == 0)):  # nothing to fit
             return probabilities
-        padded, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
-        shifted, _ = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
-        tensor = self._tensor(padded[None, None])
-        probe = appearance_logits(features, tensor, shifted - 1)  # padding is unknown (-1)
+        shifted, recover = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
+        padded_image, *levels = encoded
+        probe = appearance_logits(levels, padded_image, shifted - 1)  # padding is unknown (-1)
         if probe is None:
             return probabilities
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
@@ -401,8 +401,9 @@ class Segmenter:
                         priors: np.ndarray | None = None, encoded: list | None = None) -> np.ndarray:
         """Class probabilities over `image`; prompt `channels` (5, ...; None: no prompts) are shared by
         the classes, `priors` (N, ...) replace the mask channel of each class. With `encoded`, the padded
-        image's encoder levels are appended to it (the probe reads them, so they are not computed again):
-        the window's own when one window covers it, else the windows' levels blended like the logits."""
+        image [1, 1, ...] on the device and its encoder levels are appended to it (the probe reads them, so
+        nothing is padded, uploaded or encoded again): the window's own levels when one window covers the
+        image, else the windows' levels blended like the logits."""
         import torch
         from monai.inferers import sliding_window_inference
 
@@ -413,6 +414,8 @@ class Segmenter:
             if extra is not None:
                 blocks.append(pad_to_multiple(extra, self.config.downsampling, self.config.patch_size, mode="constant")[0])
         inputs = self._tensor(np.concatenate(blocks)[None])
+        if encoded is not None:
+            encoded.append(inputs[:, :1])
         prompted = channels is not None
         tokens = task.tokens.to(self.device)
         # One window sees the whole region when it fits: cut structures and prompts lose context.
@@ -498,7 +501,7 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
     component stands (a registration can be off; an empty mask helps no one)."""
     from scipy import ndimage
 
-    components, count = ndimage.label(values > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+    components, count = ndimage.label(values > 0.5, FULL_CONNECTIVITY)
     if count < 2:
         return
     reach = ndimage.maximum(support, components, index=np.arange(1, count + 1))

@@ -227,9 +227,12 @@ def far_negative_weights(masks, weight: float, distance_voxels: int):
 
 def loss_weights(batch: FlatBatch, config: TrainConfig, device: str):
     """The BCE's voxel weights of a step: click and far-background weights multiplied (None: uniform)."""
-    parts = [w for w in (click_weights(batch, config.click_loss_weight, device),
-                         far_negative_weights(batch.masks, config.far_negative_weight, config.far_negative_voxels)) if w is not None]
-    return parts[0] * parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+    weights = None
+    for part in (click_weights(batch, config.click_loss_weight, device),
+                 far_negative_weights(batch.masks, config.far_negative_weight, config.far_negative_voxels)):
+        if part is not None:
+            weights = part if weights is None else weights * part
+    return weights
 
 
 def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
