@@ -226,6 +226,25 @@ def test_selection_keeps_unseen_structures_out_of_the_split(synthetic_manifest):
         select_structures(cases, document, "test", False)
 
 
+def test_tuning_structures_are_training_tasks_never_validation_or_unseen(tmp_path, monkeypatch):
+    from weakicl.evaluation import manifest as manifest_module
+    from weakicl.evaluation.manifest import tuning_structures
+
+    blob = ellipsoid(SHAPE, (10, 13, 12), (6, 8, 7))
+    cases = [write_case(tmp_path, name, blob, seed) for seed, name in enumerate(["ct", "train_0", "train_1", "train_2", "held"])]
+    path = write_manifest(tmp_path, cases, splits={"train": ["train_0", "train_1", "train_2"], "validation": ["held"]},
+                          unseen_labels={"cases": {"ct": ["1"]}})
+    monkeypatch.setattr(manifest_module, "TUNING_STRUCTURES", {"ct": (1, 2, 7)})  # 1 unseen, 7 not a label
+    monkeypatch.setattr(manifest_module, "TUNING_HIPPOCAMPUS_STRIDE", 2)
+    chosen = tuning_structures(*read_manifest(path))
+    assert [(s.key, s.group) for s in chosen] == [("ct/2", "tuning-other"), ("train_0/1", "tuning-hippocampus"),
+                                                  ("train_0/2", "tuning-hippocampus"), ("train_2/1", "tuning-hippocampus"),
+                                                  ("train_2/2", "tuning-hippocampus")]
+    monkeypatch.setattr(manifest_module, "TUNING_STRUCTURES", {})
+    with pytest.raises(InputError, match="none of the tuning structures"):
+        tuning_structures(*read_manifest(write_manifest(tmp_path, cases[4:])))
+
+
 @pytest.mark.parametrize("method, minimum", [
     (BoxInterpolation(), 0.55),  # the hull covers only the middle half of the extent, with box corners
     (GrowCut("random-walker"), 0.85),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import ellipsoid
-from weakicl.framing import FrameSpec, frame_around, frame_spacing, prompt_extent_kji
+from weakicl.framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
 from weakicl.preprocess import working_spacing
 from weakicl.prompts import Box, Point, PromptSet, rasterize
 from weakicl.volume import Geometry
@@ -94,3 +94,14 @@ def test_prompts_land_in_the_frame_where_the_image_puts_them():
     centre = np.argwhere(channels[2] == channels[2].max())[0]
     expected = (np.array([16.0, 33.0, 30.0]) - frame.origin_kji) / frame.step_kji
     np.testing.assert_allclose(centre, expected, atol=1.0)
+
+
+def test_an_array_moves_between_frames_over_the_same_image_as_if_sampled_into_each():
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (20, 24, 28)], indexing="ij")
+    original = 2 * k + j - 0.5 * i  # linear: interpolation is exact
+    first = Frame(np.array([2.0, 3.0, 1.5]), np.array([0.5, 0.75, 1.0]), (20, 20, 20), np.ones(3))
+    second = Frame(np.array([4.0, 5.0, 6.0]), np.array([1.0, 0.5, 0.8]), (8, 10, 12), np.ones(3))
+    moved = first.resample_into(first.sample(original), second, fill=-7.0)
+    assert np.allclose(moved, second.sample(original), atol=1e-4)
+    beyond = Frame(np.array([4.0, 5.0, 6.0]), np.array([2.0, 2.0, 2.0]), (10, 10, 10), np.ones(3))
+    assert first.resample_into(first.sample(original), beyond, fill=-7.0)[-1, -1, -1] == -7.0  # outside the first frame

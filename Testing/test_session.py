@@ -238,11 +238,12 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
     outside_region[network.changed_kji] = False
     assert np.array_equal(probed.masks[0][outside_region], network.masks[0][outside_region])  # the rest of `first` stands
     monkeypatch.setattr(session, "APPEARANCE_WEIGHT", 0.0)
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
     seeded = segmenter.segment(volume, task, boxes + clicks, first, new_prompts=clicks)
     differ = np.argwhere(network.masks[0] != seeded.masks[0])
     spacing_kji = np.asarray(volume.geometry.spacing)[::-1]
     near = [min(np.linalg.norm((voxel - np.asarray(p.ijk)[::-1]) * spacing_kji) for p in clicks.points) for voxel in differ]
-    assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without the probe, only the seed balls differ
+    assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without probe and geodesic, only the seed balls differ
 
 
 def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom):

@@ -1,14 +1,18 @@
 """Inference-time ablations of the engine: what each choice is worth, with and without it.
 
     python scripts/ablations.py --manifest ../shared/data/manifest.json --validation 30 --out reports/ablations
+    python scripts/ablations.py --manifest ../shared/data/manifest.json --tuning \
+        --variants engine geodesic-8 geodesic-16 no-geodesic --out reports/tuning-geodesic
     python scripts/make_thick_slices.py --manifest ../shared/data/manifest.json --out .cache/thick6
     python scripts/ablations.py --manifest .cache/thick6/manifest.json --validation 24 \
-        --variants engine anisotropy-1.5 anisotropy-2 anisotropy-3 kept-slices --out reports/ablations-thick6
+        --variants engine no-geodesic anisotropy-1.5 anisotropy-2 anisotropy-3 kept-slices --out reports/ablations-thick6
 
 Propagation from 3 box slices with the evaluation's seeded prompts (`weakicl evaluate --protocol
 propagate` gives the same Dice for `engine`), model only, on the first `--validation` validation
 structures and every unseen structure. Each variant runs in a fresh Segmenter (caches hold grids and
-tasks made under one variant). Writes ablations.json and ablations.md to `--out`. Retraining ablations
+tasks made under one variant). `--tuning` runs on the tuning structures instead (training tasks only,
+`weakicl.evaluation.manifest.TUNING_STRUCTURES`), where the engine's constants are chosen. Writes ablations.json and
+ablations.md to `--out`. Retraining ablations
 are not affordable on a CPU: these are all choices made at inference.
 """
 
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from weakicl import session
-from weakicl.evaluation.manifest import load_case, read_manifest, select_structures, structure_mask
+from weakicl.evaluation.manifest import load_case, read_manifest, select_structures, structure_mask, tuning_structures
 from weakicl.evaluation.metrics import dice
 from weakicl.evaluation.protocols import Settings, structure_rng, target_prompts
 from weakicl.session import Segmenter, TaskEmbedding
@@ -55,12 +59,15 @@ def _unchanged():
 
 VARIANTS = {  # name: (module constant patched, frame settings changed, what it is)
     "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes, appearance probe 0.5, "
-               "components off the prompts dropped"),
+               "geodesic seed competition 12, components off the prompts dropped"),
     "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), {}, "without the test-time appearance probe"),
     "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), {}, "appearance probe at weight 1"),
     "hull-not-extended": (_patched(session, "HULL_EXTENSION_GAPS", 0.0), {}, "box hull only between the outer boxes"),
     "components-kept": (_patched(session, "_drop_components_off", lambda values, support, level: None), {},
                         "every component kept, also those nowhere near the boxes"),
+    "no-geodesic": (_patched(session, "GEODESIC_WEIGHT", 0.0), {}, "without the geodesic seed competition"),
+    "geodesic-8": (_patched(session, "GEODESIC_WEIGHT", 8.0), {}, "geodesic seed competition at weight 8"),
+    "geodesic-16": (_patched(session, "GEODESIC_WEIGHT", 16.0), {}, "geodesic seed competition at weight 16"),
     "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
     "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
@@ -155,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--validation", type=int, default=30, help="validation structures (the first N; default 30)")
-    parser.add_argument("--variants", nargs="+", default=["engine", "no-appearance-probe", "appearance-probe-1", "hull-not-extended",
+    parser.add_argument("--variants", nargs="+", default=["engine", "no-geodesic", "no-appearance-probe", "appearance-probe-1", "hull-not-extended",
                                                           "hull-extended-1-gap", "components-kept", "token-tuning"],
                         choices=sorted(VARIANTS))
+    parser.add_argument("--tuning", action="store_true", help="the tuning structures (training tasks) instead of validation and unseen")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -165,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     cases, document = read_manifest(args.manifest)
-    structures = select_structures(cases, document, "validation", True)
-    structures = [s for s in structures if s.group != "validation"] + [s for s in structures if s.group == "validation"][: args.validation]
+    if args.tuning:
+        structures = tuning_structures(cases, document)
+    else:
+        structures = select_structures(cases, document, "validation", True)
+        structures = [s for s in structures if s.group != "validation"] + [s for s in structures if s.group == "validation"][: args.validation]
     weights = Path(args.weights) if args.weights else default_weights_path()
     rows = []
     for name in args.variants:

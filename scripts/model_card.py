@@ -1,6 +1,7 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.3/results.json reports/engine-0.3-cross/results.json
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.4/results.json \
+        reports/engine-0.4-network-only/results.json reports/engine-0.3-cross/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
 that produced it) to the JSON card beside the weights, and renders from that card
@@ -66,7 +67,7 @@ def limitations(rows: list[dict]) -> list[str]:
     model, growcut = _dice(rows, PROPAGATE, "unseen", "model"), _dice(rows, PROPAGATE, "unseen", "growcut")
     unseen = _count(rows, PROPAGATE, "unseen")
     if model is not None and growcut is not None:
-        verdict = ("it loses to GrowCut" if model < growcut else "it is ahead of GrowCut")
+        verdict = ("it loses to GrowCut" if model < growcut else "the engine built on it is ahead of GrowCut")
         advice = " For such structures, Slicer's Grow from seeds is the better tool for now." if model < growcut else ""
         lines.append(f"- On anatomy it never saw in training ({unseen} CT, MR and brain structures, each measured once) "
                      f"{verdict}: Dice {model:.3f} against {growcut:.3f} from the same 3 slice boxes.{advice}")
@@ -78,6 +79,11 @@ def limitations(rows: list[dict]) -> list[str]:
         lines.append(f"- Corrective clicks {'help little' if small else 'help'}: 5 simulated clicks (each seeded on its side) "
                      "move the mean Dice from " + " and from ".join(f"{before:.3f} to {after:.3f} ({group})"
                                                                     for group, before, after in gains) + ".")
+    alone = _dice(rows, INTERACTIVE, "unseen", "model-network-only")
+    lines.append("- These are the engine's numbers: with target prompts, the network's logits are joined by a test-time "
+                 "appearance probe and a geodesic seed competition from the same prompts (GrowCut's idea, "
+                 "`weakicl.geodesic`)" + (f"; the network alone reaches {alone:.3f} on unseen structures after 5 clicks "
+                                         "(`model-network-only`)." if alone is not None else "."))
     lines += [
         "- Segmenting other subjects from references relies on registering them onto the target (on by default); "
         "its boundaries are less exact than within-volume propagation (see HD95 below).",

@@ -90,6 +90,13 @@ class Frame:
         ])
         return out.reshape(leading + shape)
 
+    def resample_into(self, frame_array: np.ndarray, other: Frame, fill: float) -> np.ndarray:
+        """A (k, j, i) array on this frame resampled onto `other`, a frame over the same image (linear,
+        `fill` outside this frame)."""
+        return ndimage.affine_transform(frame_array.astype(np.float32, copy=False), other.step_kji / self.step_kji,
+                                        offset=(other.origin_kji - self.origin_kji) / self.step_kji,
+                                        output_shape=other.shape_kji, order=1, mode="constant", cval=fill)
+
     def prompts_to_frame(self, prompts: PromptSet) -> PromptSet:
         """Prompts in original IJK -> frame IJK (slice boxes stay thin: their thickness is kept below a voxel)."""
         step_ijk, origin_ijk = self.step_kji[::-1], self.origin_kji[::-1]

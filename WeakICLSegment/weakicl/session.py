@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
+from .geodesic import BACKGROUND_GAP_MM, GEODESIC_WEIGHT, HULL_GAPS, ellipsoid_element, geodesic_margin, seed_labels
 from .preprocess import WorkingGrid, bounding_box, normalize_intensity, pad_to_multiple, roi_around, roi_from_bounds
 from .prompts import MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
 from .registration import AtlasItem, atlas_prior
@@ -275,10 +277,12 @@ class Segmenter:
         In propagation and whole volumes, of several components those that nowhere reach what the prompts
         or the registered context point to are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
-        click, and the network's logits get a bounded share of a probe of the image's appearance fitted
-        to what the slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), in propagation
-        and in corrections alike (else a click would undo it); `network_only` turns all of these off: the network's
-        output alone (the evaluation's ablation `model-network-only`).
+        click, and two terms join the network's logits, in propagation and in corrections alike (else a
+        click would undo them): a bounded share of a probe of the image's appearance fitted to what the
+        slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), and the margin of a
+        geodesic competition between the seeds those prompts give (`weakicl.geodesic`, GrowCut's idea);
+        `network_only` turns all of these off: the network's output alone (the evaluation's ablation
+        `model-network-only`).
         """
         progress = progress or _silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
@@ -328,11 +332,18 @@ class Segmenter:
         frame = self._frame(target, prompts, previous_mask, new_prompts)
         channels = self._frame_channels(frame, prompts, previous_mask)
         image = frame.sample(prepared.normalized)
-        probe = not network_only and prompts is not None
-        encoded: list | None = [] if probe else None  # the padded frame and its encoder levels, for the probe
+        adapt = not network_only and prompts is not None
+        encoded: list | None = [] if adapt else None  # the padded frame and its encoder levels, for the probe
         framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
-        if probe:
-            framed = self._adapted_to_appearance(framed, image, frame.prompts_to_frame(prompts), encoded)
+        if adapt:
+            # the competition runs over the whole structure with every prompt, as GrowCut would, so a
+            # correction's frame sees what propagation saw, changed only around the clicks
+            structure = frame if new_prompts is None else self._frame(target, prompts, previous_mask)
+            structure_image = image if structure is frame else structure.sample(prepared.normalized)
+            margin = self._geodesic_margin(structure, structure_image, prompts, previous_mask)
+            if margin is not None and structure is not frame:
+                margin = structure.resample_into(margin, frame, fill=-1.0)  # beyond it: background seeds
+            framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin)
             if previous_mask is None:  # propagation: the boxes, their hull and positive points say where
                 _drop_components_off(framed[0], foreground_prior(channels), 0.0)
         region = frame.region(target.geometry.shape_kji)
@@ -344,23 +355,42 @@ class Segmenter:
             _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
         return Prediction(probabilities, list(task.names), region)
 
-    def _adapted_to_appearance(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
-                               encoded: list) -> np.ndarray:
-        """The network's probabilities (1, ...) in a frame with APPEARANCE_WEIGHT times the logits of a
-        probe fitted to what the slice boxes and clicks say for sure (`weakicl.adaptation`), bounded by
-        APPEARANCE_LIMIT; unchanged where the frame holds no sure structure and background voxels.
-        `encoded` is the padded frame on the device and its encoder levels, as the sliding window left them."""
+    def _adapted_to_image(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
+                          encoded: list, margin: np.ndarray | None) -> np.ndarray:
+        """The network's probabilities (1, ...) in a frame with two terms added to its logits:
+        APPEARANCE_WEIGHT times a probe of the encoder's features fitted to what the slice boxes and
+        clicks say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT, and GEODESIC_WEIGHT times
+        the geodesic `margin` in the frame (`weakicl.geodesic`; None: none). `encoded` is the padded frame
+        on the device and its encoder levels, as the sliding window left them."""
         labels = appearance_labels(frame_prompts, image.shape)
-        if not (np.any(labels == 1) and np.any(labels == 0)):  # nothing to fit
-            return probabilities
-        shifted, recover = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
-        padded_image, *levels = encoded
-        probe = appearance_logits(levels, padded_image, shifted - 1)  # padding is unknown (-1)
-        if probe is None:
-            return probabilities
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
-        logits = np.log(clipped / (1.0 - clipped)) + np.clip(APPEARANCE_WEIGHT * probe.cpu().numpy()[recover], -APPEARANCE_LIMIT, APPEARANCE_LIMIT)
+        logits = np.log(clipped / (1.0 - clipped))
+        if np.any(labels == 1) and np.any(labels == 0):
+            shifted, recover = pad_to_multiple(labels + 1, self.config.downsampling, self.config.patch_size, mode="constant")
+            padded_image, *levels = encoded
+            probe = appearance_logits(levels, padded_image, shifted - 1)  # padding is unknown (-1)
+            if probe is not None:
+                logits += np.clip(APPEARANCE_WEIGHT * probe.cpu().numpy()[recover], -APPEARANCE_LIMIT, APPEARANCE_LIMIT)
+        if margin is not None:
+            logits += GEODESIC_WEIGHT * margin
         return (0.5 * (1.0 + np.tanh(logits / 2.0))).astype(np.float32)  # the sigmoid, without overflow
+
+    @staticmethod
+    def _geodesic_margin(frame: Frame, image: np.ndarray, prompts: PromptSet, previous: np.ndarray | None) -> np.ndarray | None:
+        """The geodesic seed competition's margin over a structure's frame (`weakicl.geodesic`): seeds
+        from what the boxes and clicks say for sure; it decides the box hull one gap past the outer boxes,
+        positive points and a previous result, grown by BACKGROUND_GAP_MM (GrowCut's unknown region).
+        None without a box: points alone do not say where the structure ends."""
+        if not (prompts.boxes or prompts.oriented_boxes):
+            return None
+        frame_prompts = frame.prompts_to_frame(prompts)
+        geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
+        undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS)) > 0.5
+        if previous is not None:
+            undecided |= frame.sample(previous.astype(np.float32), fill=0.0) > 0.5
+        radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
+        undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
+        return geodesic_margin(image, seed_labels(appearance_labels(frame_prompts, image.shape), undecided))
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
                new_prompts: PromptSet | None = None) -> Frame:
@@ -499,8 +529,6 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
     `support` above `level`, when there are several: what the prompts or the registered context point to
     is where the structure is, so a component wholly away from it is a look-alike elsewhere. A single
     component stands (a registration can be off; an empty mask helps no one)."""
-    from scipy import ndimage
-
     components, count = ndimage.label(values > 0.5, FULL_CONNECTIVITY)
     if count < 2:
         return

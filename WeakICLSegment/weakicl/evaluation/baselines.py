@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..geodesic import BACKGROUND_GAP_MM, ellipsoid_element
 from ..preprocess import normalize_intensity
 from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
 from ..registration import AtlasItem, atlas_prior
@@ -21,8 +22,8 @@ from ..volume import Geometry, Volume, volume_digest
 from .protocols import Method, NotApplicable, Settings, Trial
 
 CLICK_RADIUS_MM = 3.0  # a corrective click paints or erases a ball of this radius (box-interp) or seeds it (growcut)
-# GrowCut seeds, chosen on 30 structures of the hippocampus *training* split (never on validation):
-BACKGROUND_GAP_MM = 2.0  # background seeds start this far outside the extended box hull
+# GrowCut seeds, chosen on 30 structures of the hippocampus *training* split (never on validation), with
+# the background gap the engine's geodesic competition shares (weakicl.geodesic.BACKGROUND_GAP_MM):
 SEED_FRACTION = 0.5  # foreground seeds: the central half of each box, which lies inside convex-ish shapes
 RANDOM_WALKER_BETA = 500.0  # for intensities scaled to [0, 1] by the crop's 1st-99th percentiles
 CROP_MARGIN_VOX = 3  # voxels of background seeds kept around GrowCut's unknown region
@@ -150,7 +151,7 @@ class GrowCut(BaselineMethod):
         crop = crop_around(trial.volume, trial.prompts, clicks, margin)
         geometry = crop.volume.geometry
         unknown = extended_hull(box_interpolation(crop.prompts, geometry), reach)
-        unknown = ndimage.binary_dilation(unknown, _ellipsoid(gap_vox))
+        unknown = ndimage.binary_dilation(unknown, ellipsoid_element(gap_vox))
         seeds = np.where(unknown, 0, 2).astype(np.int16)
         for box in crop.prompts.boxes:
             seeds[_shrunken(box)] = 1
@@ -175,11 +176,6 @@ def growcut_backend() -> str:
     except (ImportError, AttributeError):
         return "random-walker"
     return "slicer"
-
-
-def _ellipsoid(radius_kji: np.ndarray) -> np.ndarray:
-    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius_kji)]
-    return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, radius_kji)) <= 1.0
 
 
 def _shrunken(box: Box) -> tuple[slice, slice, slice]:

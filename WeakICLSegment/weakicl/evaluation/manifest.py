@@ -70,6 +70,14 @@ def _case(entry: dict, root: Path) -> Case:
                 root / entry["image"], root / entry["label"], labels)
 
 
+# Training tasks of the CT, MR and brain cases (small to large) and every 21st training case (the
+# hippocampi): where the engine's inference constants are tuned (`weakicl evaluate --tuning`).
+TUNING_STRUCTURES = {"totalseg_ct_abdomen": (4, 5, 7, 8, 63, 30, 88, 79, 31), "brain_t1_aseg": (12, 13, 17, 18, 4, 28, 51, 52),
+                     "totalseg_mr_abdomen": (5, 4, 7, 24, 19, 48), "totalseg_ct_spine": (28, 26)}
+TUNING_HIPPOCAMPUS_STRIDE = 21
+TUNING_GROUPS = ("tuning-hippocampus", "tuning-other")
+
+
 def select_structures(cases: list[Case], document: dict, split: str | None, unseen: bool) -> list[Structure]:
     """The split's cases with all their labels and/or the manifest's unseen structures.
 
@@ -77,8 +85,7 @@ def select_structures(cases: list[Case], document: dict, split: str | None, unse
     the unseen structures are left out of a split's cases, as they are never a training task.
     """
     by_id = {case.id: case for case in cases}
-    unseen_values = {case_id: {int(v) for v in values}
-                     for case_id, values in document.get("unseen_labels", {}).get("cases", {}).items()}
+    unseen_values = _unseen_values(document)
     structures: list[Structure] = []
     if split is not None:
         splits = document.get("splits", {})
@@ -99,6 +106,28 @@ def select_structures(cases: list[Case], document: dict, split: str | None, unse
         for case in cases:
             structures += _structures(case, ALL_GROUP)
     return structures
+
+
+def tuning_structures(cases: list[Case], document: dict) -> list[Structure]:
+    """TUNING_STRUCTURES and every TUNING_HIPPOCAMPUS_STRIDE-th case of the training split (all labels),
+    in the groups "tuning-hippocampus" and "tuning-other": where inference constants are chosen, never
+    on validation or unseen structures."""
+    by_id = {case.id: case for case in cases}
+    unseen = _unseen_values(document)
+    structures = [Structure(by_id[case_id], value, dict(by_id[case_id].labels)[value], TUNING_GROUPS[1])
+                  for case_id, values in TUNING_STRUCTURES.items() if case_id in by_id
+                  for value in values if value in dict(by_id[case_id].labels) and value not in unseen.get(case_id, ())]
+    for case_id in document.get("splits", {}).get("train", [])[::TUNING_HIPPOCAMPUS_STRIDE]:
+        if case_id in by_id:
+            structures += _structures(by_id[case_id], TUNING_GROUPS[0])
+    if not structures:
+        raise InputError("the manifest holds none of the tuning structures")
+    return structures
+
+
+def _unseen_values(document: dict) -> dict[str, set[int]]:
+    """The manifest's unseen label values per case id."""
+    return {case_id: {int(v) for v in values} for case_id, values in document.get("unseen_labels", {}).get("cases", {}).items()}
 
 
 def _structures(case: Case, group: str, exclude: set[int] = frozenset()) -> list[Structure]:

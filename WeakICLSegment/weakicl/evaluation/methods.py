@@ -21,7 +21,7 @@ class ModelMethod(Method):
     corrections segment again with the boxes plus the clicks so far, the previous mask, and the
     newest click marked as new (only its neighbourhood is recomputed).
     `align_context=False` is the ablation without the atlas prior (task tokens alone), `network_only=True`
-    the network's output alone (clicks not seeded, no appearance probe)."""
+    the network's output alone (clicks not seeded, no appearance probe, no geodesic competition)."""
 
     def __init__(self, segmenter, weights: Path, name: str = MODEL) -> None:
         self.segmenter = segmenter

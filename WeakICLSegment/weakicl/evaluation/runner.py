@@ -23,6 +23,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="manifest JSON of cases (image, label, labels, modality, splits)")
     parser.add_argument("--split", help="evaluate the cases of this split of the manifest (e.g. validation)")
     parser.add_argument("--unseen", action="store_true", help="also evaluate the manifest's unseen_labels structures")
+    parser.add_argument("--tuning", action="store_true", help="evaluate only the tuning structures (training tasks where "
+                        "the engine's constants are chosen; see evaluation.manifest.TUNING_STRUCTURES)")
     parser.add_argument("--protocol", nargs="+", default=["propagate"], metavar="P",
                         help=f"one or more of {', '.join(PROTOCOLS)} (default: propagate)")
     parser.add_argument("--method", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
@@ -86,7 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..provenance import portable_command, portable_path
     from .figures import draw_all
-    from .manifest import MIN_VOXELS, load_case, read_manifest, select_structures, structure_mask
+    from .manifest import MIN_VOXELS, load_case, read_manifest, select_structures, structure_mask, tuning_structures
     from .methods import build_methods
     from .metrics import SURFACE_TOLERANCE_MM
     from .protocols import evaluate
@@ -94,7 +96,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     settings = expand_settings(args)
     cases, document = read_manifest(args.manifest)
-    structures = first_cases(select_structures(cases, document, args.split, args.unseen), args.limit)
+    chosen = tuning_structures(cases, document) if args.tuning else select_structures(cases, document, args.split, args.unseen)
+    structures = first_cases(chosen, args.limit)
     methods = build_methods(args.method, args.weights, args.device)
     # Every volume stays loaded for the whole run: contexts reuse them, and the Segmenter's caches are
     # keyed by array identity, which must not be recycled by a freed array while they hold it.

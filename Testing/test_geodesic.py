@@ -1,0 +1,96 @@
+"""The geodesic seed competition: seeds from prompts and a previous result, the margin it adds."""
+
+import numpy as np
+import pytest
+
+from conftest import ellipsoid
+from weakicl.geodesic import geodesic_margin, seed_labels
+
+
+def test_seeds_take_sure_labels_and_make_everything_outside_the_undecided_region_background():
+    sure = np.full((6, 6, 6), -1, np.int8)
+    sure[3, 3, 3], sure[3, 0, 3] = 1, 0
+    undecided = np.zeros(sure.shape, bool)
+    undecided[1:5, 1:5, 1:5] = True
+    seeds = seed_labels(sure, undecided)
+    assert seeds[3, 3, 3] == 1 and seeds[3, 0, 3] == 2 and seeds[0, 0, 0] == 2
+    assert seeds[2, 2, 2] == 0 and (seeds == 0).sum() == undecided.sum() - 1
+
+
+def test_the_margin_follows_the_image_s_border_between_the_seeds():
+    rng = np.random.default_rng(0)
+    truth = ellipsoid((24, 32, 32), (12, 16, 16), (7, 10, 8))
+    image = (100 * truth + rng.normal(0, 8, truth.shape)).astype(np.float32)
+    sure = np.full(truth.shape, -1, np.int8)
+    sure[12, 14:19, 14:19] = 1  # the central part of one slice box
+    undecided = ellipsoid(truth.shape, (12, 16, 16), (10, 14, 12))  # a loose hull around the structure
+    margin = geodesic_margin(image, seed_labels(sure, undecided))
+    assert margin.shape == truth.shape and margin.min() >= -1 and margin.max() <= 1
+    assert np.mean(margin[truth] > 0) > 0.97 and np.mean(margin[undecided & ~truth] < 0) > 0.97
+    assert np.all(margin[~undecided] == -1)  # background seeds stay background
+
+
+def test_a_large_search_on_a_coarser_grid_still_follows_the_border(monkeypatch):
+    from weakicl import geodesic
+
+    rng = np.random.default_rng(1)
+    truth = ellipsoid((30, 40, 40), (15, 20, 20), (9, 13, 11))
+    image = (100 * truth + rng.normal(0, 8, truth.shape)).astype(np.float32)
+    sure = np.full(truth.shape, -1, np.int8)
+    sure[15, 17:24, 17:24] = 1
+    seeds = seed_labels(sure, ellipsoid(truth.shape, (15, 20, 20), (13, 18, 16)))
+    monkeypatch.setattr(geodesic, "MAX_SEARCH_VOXELS", 4096)  # the box is ~30x38x34 voxels: a factor 3
+    coarse = geodesic_margin(image, seeds)
+    assert coarse.shape == truth.shape and np.all(coarse[seeds == 1] == 1) and np.all(coarse[seeds == 2] == -1)
+    assert np.mean((coarse > 0) == truth) > 0.97
+
+
+def test_no_margin_without_seeds_of_both_kinds():
+    image = np.zeros((5, 5, 5), np.float32)
+    assert geodesic_margin(image, np.zeros((5, 5, 5), np.int8)) is None
+    assert geodesic_margin(image, np.full((5, 5, 5), 2, np.int8)) is None
+
+
+def test_voxels_no_seed_reaches_are_not_pushed_either_way():
+    seeds = np.zeros((3, 3, 9), np.int8)
+    seeds[:, :, 0], seeds[:, :, 8] = 1, 2
+    image = np.zeros(seeds.shape, np.float32)
+    margin = geodesic_margin(image, seeds)
+    assert margin[1, 1, 1] > 0 and margin[1, 1, 7] < 0 and abs(margin[1, 1, 4]) < 0.05  # halfway: a tie
+
+
+@pytest.fixture()
+def segmenter(tiny_model):
+    from weakicl.session import Segmenter
+
+    return Segmenter(model=tiny_model, device="cpu")
+
+
+def test_propagation_follows_a_border_the_network_ignores(segmenter, phantom, monkeypatch):
+    """A randomly initialised network knows no borders; the seed competition from the slice boxes does."""
+    from weakicl import session
+    from weakicl.evaluation.metrics import dice
+    from weakicl.simulation import slice_boxes
+
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    with_margin = dice(segmenter.segment(volume, task, target_prompts=boxes).masks[0], truth)
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
+    without = dice(segmenter.segment(volume, task, target_prompts=boxes).masks[0], truth)
+    assert with_margin > 0.97 and with_margin > without + 0.05
+
+
+def test_points_alone_start_no_competition(segmenter, phantom, monkeypatch):
+    """Without a box nothing says where the structure ends: everything past the points' spheres would be
+    background seeds."""
+    from weakicl import session
+    from weakicl.prompts import Point, PromptSet
+
+    volume, truth = phantom
+    centre = np.argwhere(truth).mean(axis=0)
+    points = PromptSet(points=[Point(tuple(float(c) for c in centre[::-1]), True)])
+    task = segmenter.encode_context([(volume, points)])
+    with_points = segmenter.segment(volume, task, target_prompts=points).probabilities
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
+    assert np.array_equal(segmenter.segment(volume, task, target_prompts=points).probabilities, with_points)
