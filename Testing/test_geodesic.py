@@ -94,3 +94,75 @@ def test_points_alone_start_no_competition(segmenter, phantom, monkeypatch):
     with_points = segmenter.segment(volume, task, target_prompts=points).probabilities
     monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
     assert np.array_equal(segmenter.segment(volume, task, target_prompts=points).probabilities, with_points)
+
+
+@pytest.fixture()
+def oracle_segmenter(tiny_model, monkeypatch):
+    """A Segmenter whose network answers the truth of `oracle_segmenter.truth` in whatever frame it is
+    asked about (probabilities 0.999 / 0.001), appearance probe off: what the competition adds alone."""
+    from weakicl import session
+    from weakicl.session import Segmenter
+
+    segmenter = Segmenter(model=tiny_model, device="cpu")
+    framed = Segmenter._frame
+    asked = {}
+
+    def frame(self, *args, **kwargs):
+        asked["frame"] = framed(self, *args, **kwargs)
+        return asked["frame"]
+
+    def network(self, image, channels, task, progress, priors=None, encoded=None):
+        if encoded is not None:
+            encoded += [None, None]  # no image, no encoder levels: the probe is off
+        inside = asked["frame"].sample(segmenter.truth.astype(np.float32), fill=0.0) > 0.5
+        return (0.001 + 0.998 * inside)[None].astype(np.float32)
+
+    monkeypatch.setattr(Segmenter, "_frame", frame)
+    monkeypatch.setattr(Segmenter, "_sliding_window", network)
+    monkeypatch.setattr(session, "appearance_logits", lambda levels, image, labels: None)
+    return segmenter
+
+
+def test_a_lone_slice_box_does_not_cap_what_the_network_finds(oracle_segmenter):
+    """Beyond the box hull the competition's background seeds add nothing: a structure that goes on past
+    one slice box (or bunched ones) keeps its length."""
+    from weakicl.evaluation.metrics import dice
+    from weakicl.prompts import Box, PromptSet
+    from weakicl.volume import Geometry, Volume
+
+    shape = (48, 48, 48)
+    truth = ellipsoid(shape, (24, 24, 24), (16, 10, 10))  # k 8-40
+    image = (100 * truth + np.random.default_rng(0).normal(0, 30, shape)).astype(np.float32)
+    volume = Volume(image, Geometry.identity(shape, (1.0, 1.0, 1.0)), "MR")
+    oracle_segmenter.truth = truth
+
+    def box(k):
+        j, i = np.nonzero(truth[k])
+        return Box((float(i.min()), float(j.min()), float(k)), (float(i.max()), float(j.max()), float(k)))
+
+    for prompts in (PromptSet([box(24)]), PromptSet([box(20), box(24), box(28)])):
+        task = oracle_segmenter.encode_context([(volume, prompts)])
+        assert dice(oracle_segmenter.segment(volume, task, target_prompts=prompts).masks[0], truth) > 0.95
+
+
+def test_a_correction_changes_the_competition_only_around_its_click(segmenter, phantom, monkeypatch):
+    """A correction runs the competition over the whole structure with every prompt: with or without it,
+    the correction's result differs only near the new click, never far from it."""
+    from weakicl import session
+    from weakicl.prompts import Point, PromptSet
+    from weakicl.simulation import corrective_click, slice_boxes
+
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    first = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+    click = corrective_click(first, truth) or Point(tuple(float(c) for c in np.argwhere(truth).mean(axis=0)[::-1]), True)
+    new = PromptSet(points=[click])
+    corrected = segmenter.segment(volume, task, boxes + new, first.astype(np.float32), new_prompts=new)
+    region = np.zeros(truth.shape, bool)
+    region[corrected.changed_kji] = True
+    assert np.array_equal(corrected.masks[0][~region], first[~region])  # the rest of the previous result stands
+    assert corrected.masks[0][tuple(int(round(c)) for c in click.ijk[::-1])] == click.positive
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
+    without = segmenter.segment(volume, task, boxes + new, first.astype(np.float32), new_prompts=new)
+    assert without.changed_kji == corrected.changed_kji

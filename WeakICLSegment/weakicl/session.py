@@ -380,7 +380,9 @@ class Segmenter:
         """The geodesic seed competition's margin over a structure's frame (`weakicl.geodesic`): seeds
         from what the boxes and clicks say for sure; it decides the box hull one gap past the outer boxes,
         positive points and a previous result, grown by BACKGROUND_GAP_MM (GrowCut's unknown region).
-        None without a box: points alone do not say where the structure ends."""
+        Beyond that region its background seeds steer the competition but add nothing to the logits
+        (0), except where a box or negative click says so. None without a box: points alone do not say
+        where the structure ends."""
         if not (prompts.boxes or prompts.oriented_boxes):
             return None
         frame_prompts = frame.prompts_to_frame(prompts)
@@ -390,7 +392,11 @@ class Segmenter:
             undecided |= frame.sample(previous.astype(np.float32), fill=0.0) > 0.5
         radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
         undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
-        return geodesic_margin(image, seed_labels(appearance_labels(frame_prompts, image.shape), undecided))
+        sure = appearance_labels(frame_prompts, image.shape)
+        margin = geodesic_margin(image, seed_labels(sure, undecided))
+        if margin is not None:  # beyond the hull the network decides: a lone or bunched box does not cap the structure
+            margin[~undecided & (sure != 0)] = 0.0
+        return margin
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
                new_prompts: PromptSet | None = None) -> Frame:
