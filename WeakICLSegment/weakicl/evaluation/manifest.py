@@ -114,9 +114,12 @@ def tuning_structures(cases: list[Case], document: dict) -> list[Structure]:
     on validation or unseen structures."""
     by_id = {case.id: case for case in cases}
     unseen = _unseen_values(document)
-    structures = [Structure(by_id[case_id], value, dict(by_id[case_id].labels)[value], TUNING_GROUPS[1])
-                  for case_id, values in TUNING_STRUCTURES.items() if case_id in by_id
-                  for value in values if value in dict(by_id[case_id].labels) and value not in unseen.get(case_id, ())]
+    structures: list[Structure] = []
+    for case_id, values in TUNING_STRUCTURES.items():
+        if case_id in by_id:
+            names = dict(by_id[case_id].labels)
+            structures += [Structure(by_id[case_id], value, names[value], TUNING_GROUPS[1])
+                           for value in values if value in names and value not in unseen.get(case_id, ())]
     for case_id in document.get("splits", {}).get("train", [])[::TUNING_HIPPOCAMPUS_STRIDE]:
         if case_id in by_id:
             structures += _structures(by_id[case_id], TUNING_GROUPS[0])
