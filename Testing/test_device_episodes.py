@@ -124,6 +124,10 @@ def test_training_with_device_episodes_is_deterministic_and_resumes(tmp_path):
     assert main(["train", "--config", str(config), "--out", str(split), "--device", "cpu", "--resume", str(split)]) == 0
     histories = [json.loads((run / "checkpoint" / "state.json").read_text())["state"]["history"] for run in (whole, split)]
     assert [entry["step"] for entry in histories[1]] == [1, 2, 3]
+    for entry in histories[0]:  # where each step's time went, for reading a log's episodes/s
+        assert set(entry["seconds_per_step"]) == {"waiting for CPU episodes", "CPU episodes' own predictions and upload",
+                                                  "device episodes", "network step"}
+        assert entry["seconds_per_step"]["network step"] > 0
     assert np.allclose([entry["loss"] for entry in histories[0]], [entry["loss"] for entry in histories[1]])
     model, card = load_weights(whole / "weakicl.safetensors")
     assert 0 < card["training"]["episodes"] <= 3 * 3  # a layout without a structure big enough drops its episode
@@ -146,7 +150,7 @@ def test_the_gpu_config_continues_the_shipped_network():
     from weakicl.training.episodes import EpisodeConfig
     from weakicl.training.loop import TrainConfig
 
-    config = TrainConfig.from_file(REPO / "configs" / "gpu_v02.json")
+    config = TrainConfig.from_file(REPO / "configs" / "gpu_v03.json")
     shipped = TrainConfig.from_file(REPO / "configs" / "cpu.json")
     assert NetConfig(**config.net) == NetConfig(**shipped.net) and EpisodeConfig(**config.episodes).max_clicks >= 1
     assert 0.5 <= config.device_synthetic_fraction <= 1 and config.episodes_per_step >= 32
@@ -171,7 +175,7 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
 
 
 def test_gpu_session_script_packs_its_results_into_the_files_the_device_tool_brings_back(tmp_path):
-    """The lent-GPU session (train, then benchmark) on the CPU with a tiny config; the benchmark is cut
+    """The lent-GPU session (benchmark, then train) on the CPU with a tiny config; the benchmark is cut
     off by its timeout, and the rest must still come back: at most 8 files under OUT."""
     import tarfile
 

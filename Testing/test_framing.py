@@ -105,3 +105,25 @@ def test_an_array_moves_between_frames_over_the_same_image_as_if_sampled_into_ea
     assert np.allclose(moved, second.sample(original), atol=1e-4)
     beyond = Frame(np.array([4.0, 5.0, 6.0]), np.array([2.0, 2.0, 2.0]), (10, 10, 10), np.ones(3))
     assert first.resample_into(first.sample(original), beyond, fill=-7.0)[-1, -1, -1] == -7.0  # outside the first frame
+
+
+@pytest.mark.parametrize("fill", [None, -1.0])
+def test_sampling_reads_only_what_the_frame_reaches_and_gives_what_the_whole_array_gives(fill):
+    from scipy import ndimage
+
+    from weakicl.preprocess import bounding_box
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(20, 24, 28)).astype(np.float32)
+    mask = image > 0.8
+    for _ in range(40):  # frames inside, across an edge and wholly outside the image, finer and coarser
+        step = rng.uniform(0.4, 2.5, 3)
+        origin = rng.uniform(-15, 30, 3)
+        frame = Frame(origin, step, tuple(int(n) for n in rng.integers(2, 12, 3)), step)
+        for array in (image, mask):
+            whole = ndimage.affine_transform(array.astype(np.float32), step, offset=origin, output_shape=frame.shape_kji, order=1,
+                                             mode="nearest" if fill is None else "constant", cval=fill or 0.0)
+            np.testing.assert_allclose(frame.sample(array, fill=fill), whole, atol=1e-5)
+    assert bounding_box(np.zeros((3, 4, 5), bool)) is None
+    lo, hi = bounding_box(mask)
+    assert (lo == np.argwhere(mask).min(axis=0)).all() and (hi == np.argwhere(mask).max(axis=0)).all()

@@ -150,7 +150,8 @@ def test_a_target_without_prompts_starts_from_the_context_registered_onto_it(seg
     assert len(task.atlases) == 1 and task.atlases[0][0].prior.max() == 1.0
     seen = []
     decode = segmenter.model.decode
-    monkeypatch.setattr(segmenter.model, "decode", lambda features, tokens, prompts: seen.append(prompts[:, MASK_CHANNEL].amax().item()) or decode(features, tokens, prompts))
+    monkeypatch.setattr(segmenter.model, "decode", lambda features, tokens, prompts: seen.append(
+        0.0 if prompts is None else prompts[:, MASK_CHANNEL].amax().item()) or decode(features, tokens, prompts))
     aligned = segmenter.segment(target, task)
     assert min(seen) > 0.5  # every window holds part of the prior
     seen.clear()
@@ -293,3 +294,17 @@ def test_caches_forget_the_least_recently_used_entry():
     assert cache["a"] == 1  # read: "a" is now the most recent
     cache["d"] = 4
     assert list(cache) == ["c", "a", "d"]
+
+
+def test_no_prompts_decode_like_empty_prompt_channels(tiny_model):
+    """The whole-volume path passes no prompt channels instead of zeros: the same logits, less work."""
+    import torch
+
+    from weakicl.prompts import PROMPT_CHANNELS
+
+    image = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        features = tiny_model.encode_image(image)
+        tokens = tiny_model.encode_task(features, torch.rand(2, len(PROMPT_CHANNELS), 32, 32, 32))
+        zeros = tiny_model.decode(features, tokens, torch.zeros(2, len(PROMPT_CHANNELS), 32, 32, 32))
+        torch.testing.assert_close(tiny_model.decode(features, tokens, None), zeros)

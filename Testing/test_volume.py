@@ -5,7 +5,7 @@ import pytest
 
 from conftest import oblique_geometry
 from weakicl.errors import InputError
-from weakicl.volume import Geometry, Volume, read_label_map, read_volume, write_mask, write_volume
+from weakicl.volume import DIGEST_CHUNK_BYTES, Geometry, Volume, read_label_map, read_volume, volume_digest, write_mask, write_volume
 
 
 def test_ras_and_lps_conversions_agree_with_the_matrix():
@@ -120,3 +120,18 @@ def test_a_truncated_image_is_refused_not_read_as_zeros(tmp_path, suffix):
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match="cut short"):
         read_volume(path)
+
+
+def test_the_content_key_sees_one_voxel_in_any_chunk_and_nothing_else():
+    shape = (80, 128, 256)  # several hashing chunks
+    assert np.prod(shape) * 4 > 2 * DIGEST_CHUNK_BYTES
+    array = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    geometry = Geometry((1.0, 1.0, 2.0), (0, 0, 0), np.eye(3), shape)
+    key = volume_digest(Volume(array, geometry, "MR"))
+    assert volume_digest(Volume(np.asfortranarray(array), geometry, "MR")) == key  # layout is not content
+    for index in ((0, 0, 0), (79, 127, 255)):
+        edited = array.copy()
+        edited[index] += 1
+        assert volume_digest(Volume(edited, geometry, "MR")) != key
+    assert volume_digest(Volume(array, geometry, "CT")) != key
+    assert volume_digest(Volume(array, Geometry((1.0, 1.0, 3.0), (0, 0, 0), np.eye(3), shape), "MR")) != key

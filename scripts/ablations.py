@@ -68,6 +68,8 @@ VARIANTS = {  # name: (module constant patched, frame settings changed, what it 
     "no-geodesic": (_patched(session, "GEODESIC_WEIGHT", 0.0), {}, "without the geodesic seed competition"),
     "geodesic-8": (_patched(session, "GEODESIC_WEIGHT", 8.0), {}, "geodesic seed competition at weight 8"),
     "geodesic-16": (_patched(session, "GEODESIC_WEIGHT", 16.0), {}, "geodesic seed competition at weight 16"),
+    "geodesic-24": (_patched(session, "GEODESIC_WEIGHT", 24.0), {}, "geodesic seed competition at weight 24"),
+    "geodesic-48": (_patched(session, "GEODESIC_WEIGHT", 48.0), {}, "geodesic seed competition at weight 48"),
     "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
     "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_engine.py [--device cpu|cuda] [--threads 2] [--shapes 128x256x256 256x256x256]
                                        [--large] [--weights FILE] [--batch-volumes 3] [--no-growcut]
-                                       [--out benchmarks/engine_cpu.json]
+                                       [--cudnn-benchmark] [--profile FILE] [--out benchmarks/engine_cpu.json]
 
 Per volume shape (KJI): model load, context encoding (3 slice boxes), whole-volume segmentation of
 another volume from the cached task (context registered onto it), in-volume propagation from the boxes,
@@ -11,12 +11,18 @@ seconds and Dice after each click), plus a batch of new volumes (each registered
 (slicer-core) runs on the same volume, boxes and clicks in the same run as the reference, unless
 `--no-growcut` (a GPU machine without slicer-core). `--large` also measures the peak
 resident memory of propagation on a 512x512x300 CT in a fresh process. Times are wall-clock on this
-machine: compare ratios within one run, not across machines.
+machine: compare ratios within one run, not across machines. `--profile` appends the functions that take
+the time of one whole volume from the cached task and of one correction (cProfile) to a text file;
+`--cudnn-benchmark` lets cuDNN time its convolution algorithms per input shape (an experiment: the
+engine does not set it).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import os
 import platform
@@ -86,7 +92,19 @@ def new_volumes(base: Volume, count: int):
         yield Volume(base.array + np.float32(number), base.geometry, base.modality)
 
 
-def benchmark_shape(shape_kji, device: str, weights: str | None, batch_volumes: int, with_growcut: bool, align: bool) -> dict:
+def profiled(function, title: str, out: Path) -> None:
+    """Append the 25 functions with the most cumulative time of one call of `function` to `out`."""
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.runcall(function)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).strip_dirs().sort_stats("cumulative").print_stats(25)
+    with out.open("a") as file:
+        file.write(f"== {title}: {time.perf_counter() - started:.3f} s\n{text.getvalue()}\n")
+
+
+def benchmark_shape(shape_kji, device: str, weights: str | None, batch_volumes: int, with_growcut: bool, align: bool,
+                    profile: Path | None = None) -> dict:
     reference, truth = synthetic_ct(shape_kji, 0)
     boxes = slice_boxes(truth)
     segmenter, load_seconds = timed(lambda: Segmenter(weights, device))
@@ -103,6 +121,12 @@ def benchmark_shape(shape_kji, device: str, weights: str | None, batch_volumes: 
         return segmenter.segment(reference, task, prompts, previous, new_prompts=PromptSet(points=clicks[-1:])).masks[0]
 
     model_seconds, model_dice = interactive(correct, truth, first)
+    if profile is not None:
+        name = "x".join(str(n) for n in shape_kji)
+        profiled(lambda: segmenter.segment(other, task, align_context=align), f"{name} whole volume, cached task", profile)
+        click = corrective_click(first, truth)
+        if click is not None:
+            profiled(lambda: correct([click], first), f"{name} first correction", profile)
     growcut_seconds, growcut_click_seconds, growcut_dice = None, [], []
     if with_growcut:
         growcut = GrowCut()
@@ -154,9 +178,13 @@ def main() -> int:
     parser.add_argument("--no-growcut", action="store_true", help="skip the GrowCut reference (no slicer-core here)")
     parser.add_argument("--no-registration", action="store_true",
                         help="whole volumes from the task tokens alone, every window (no SimpleITK here)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--profile", type=Path, help="append cProfile tables of a whole volume and a correction to this file")
     parser.add_argument("--out", default="benchmarks/engine_cpu.json")
     args = parser.parse_args()
     import torch
+
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
@@ -168,11 +196,13 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
         "runs": [],
         "registration": not args.no_registration,
+        "cudnn_benchmark": args.cudnn_benchmark,
     }
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
     for shape in shapes:  # written after each shape: a run cut short keeps what it measured
-        results["runs"].append(benchmark_shape(shape, args.device, args.weights, args.batch_volumes, not args.no_growcut, not args.no_registration))
+        results["runs"].append(benchmark_shape(shape, args.device, args.weights, args.batch_volumes, not args.no_growcut, not args.no_registration,
+                                               args.profile))
         results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if args.device.startswith("cuda"):
             results["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One prepared run on the GPU machine (docs/TRAINING.md, "Training on a lent GPU"): install the carried
-# monai wheel, continue the shipped weights with configs/gpu_v02.json for MINUTES minutes, validate in
+# monai wheel, continue the shipped weights with configs/gpu_v03.json for MINUTES minutes, validate in
 # the loop (cached validation arrays; no SimpleITK or ../shared there), and copy the checkpoint, the
 # weights with their model card, the curves, validation.json and throughput.json to $OUT (8 files, the
 # most the device tool brings back; optimizer moments stay behind).
 #
 # usage: scripts/gpu_train.sh [MINUTES]      (default 8)
-# env:   CONFIG (configs/gpu_v02.json), DEVICE (cuda), RESUME (model_weights/checkpoint; empty: from scratch),
+# env:   CONFIG (configs/gpu_v03.json), DEVICE (cuda), RESUME (model_weights/checkpoint; empty: from scratch),
 #        STEPS (override total_steps), RUN (working folder, .cache/gpu_run), OUT (results, runs/gpu_out),
 #        BENCH_SECONDS (5: seconds per episode source of scripts/benchmark_episodes.py, into throughput.json; 0: skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-8}
-config=${CONFIG:-configs/gpu_v02.json}
+config=${CONFIG:-configs/gpu_v03.json}
 device=${DEVICE:-cuda}
 resume=${RESUME-model_weights/checkpoint}
 run=${RUN:-.cache/gpu_run}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .preprocess import bounding_box
 from .prompts import Box, Point, PromptSet
 
 
@@ -58,12 +59,21 @@ class Frame:
     spacing_kji: np.ndarray  # mm per frame voxel
 
     def sample(self, array: np.ndarray, order: int = 1, fill: float | None = None) -> np.ndarray:
-        """Resample [..., k, j, i] from the original grid into the frame (edge values outside, or `fill`)."""
+        """Resample [..., k, j, i] from the original grid into the frame (edge values outside, or `fill`).
+        Up to linear interpolation only the voxels the frame reaches are read and converted to float (a
+        correction samples a whole CT's mask into a small frame)."""
         leading = array.shape[:-3]
+        start = np.zeros(3, dtype=int)
+        if order <= 1:  # higher orders prefilter the whole array
+            size = np.asarray(array.shape[-3:])
+            reach = self.origin_kji + self.step_kji * (np.asarray(self.shape_kji) - 1)
+            start = np.clip(np.floor(self.origin_kji).astype(int) - 1, 0, size - 1)
+            stop = np.clip(np.ceil(reach).astype(int) + 2, start + 1, size)
+            array = array[(Ellipsis,) + tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
         flat = array.reshape((-1,) + array.shape[-3:])
         mode, cval = ("nearest", 0.0) if fill is None else ("constant", fill)
         out = np.stack([
-            ndimage.affine_transform(channel.astype(np.float32, copy=False), self.step_kji, offset=self.origin_kji,
+            ndimage.affine_transform(channel.astype(np.float32, copy=False), self.step_kji, offset=self.origin_kji - start,
                                      output_shape=self.shape_kji, order=order, mode=mode, cval=cval)
             for channel in flat
         ])
@@ -120,9 +130,9 @@ def prompt_extent_kji(prompts: PromptSet | None, mask: np.ndarray | None,
             corners += [np.asarray(box.lo_ijk)[::-1], np.asarray(box.hi_ijk)[::-1]]
         corners += [np.asarray(p.ijk)[::-1] for p in prompts.points if p.positive or include_negative]
         corners += [corner[::-1] for box in prompts.oriented_boxes for corner in box.corners_ijk()]
-    if mask is not None and np.any(mask):
-        coordinates = np.argwhere(mask)
-        corners += [coordinates.min(axis=0).astype(float), coordinates.max(axis=0).astype(float)]
+    bounds = None if mask is None else bounding_box(mask)
+    if bounds is not None:
+        corners += [bound.astype(float) for bound in bounds]
     if not corners:
         return None
     stacked = np.stack(corners)

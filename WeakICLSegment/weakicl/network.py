@@ -176,18 +176,28 @@ class Decoder(nn.Module):
         self.prior_weight = nn.Parameter(torch.tensor([4.0, 4.0]))
         nn.init.constant_(self.head.bias, -2.0)
 
-    def forward(self, features: list[torch.Tensor], tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        pyramid = prompt_pyramid(prompts, len(features))
-        x = features[-1] + self.prompt_in[-1](pyramid[-1])
+    def forward(self, features: list[torch.Tensor], tokens: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        """`prompts` None stands for all-zero prompt channels (a whole volume without prompts or priors):
+        the same logits without convolving zeros at every level."""
+        pyramid = None if prompts is None else prompt_pyramid(prompts, len(features))
+
+        def with_prompts(level: int) -> torch.Tensor:
+            if pyramid is None:  # a convolution of zeros is its bias
+                return features[level] + self.prompt_in[level].bias.to(features[level].dtype)[None, :, None, None, None]
+            return features[level] + self.prompt_in[level](pyramid[level])
+
+        x = with_prompts(len(features) - 1)
         x = x + self._attend(x, tokens)
         x = self.bottleneck(torch.cat([x, prototype_similarity(x, tokens)], dim=1))
         summary = tokens.mean(dim=1)
         for step, (up, fuse, film) in enumerate(zip(self.up, self.fuse, self.film)):
             level = len(features) - 2 - step
-            skip = features[level] + self.prompt_in[level](pyramid[level])
+            skip = with_prompts(level)
             x = fuse(torch.cat([up(x), skip], dim=1))
             scale, shift = film(summary).chunk(2, dim=1)
             x = x * (1 + scale[..., None, None, None]) + shift[..., None, None, None]
+        if prompts is None:
+            return self.head(x)
         priors = prompts[:, [HULL_CHANNEL, MASK_CHANNEL]]
         return self.head(x) + (priors * self.prior_weight[None, :, None, None, None]).sum(dim=1, keepdim=True)
 
@@ -220,8 +230,9 @@ class WeakICLNet(nn.Module):
         """Task tokens [B, T, E] for B references (average them for one class)."""
         return self.task_encoder(features, prompts)
 
-    def decode(self, features: list[torch.Tensor], tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Logits [N, 1, ...] for N classes; features may have batch 1 and are shared by the classes."""
+    def decode(self, features: list[torch.Tensor], tokens: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        """Logits [N, 1, ...] for N classes; features may have batch 1 and are shared by the classes;
+        `prompts` None: no prompts anywhere."""
         classes = tokens.shape[0]
         if features[0].shape[0] != classes:
             features = [f.expand(classes, *f.shape[1:]) for f in features]

@@ -92,11 +92,19 @@ class WorkingGrid:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Inclusive lower and upper array indices of the non-zero voxels, or None when empty."""
-    coordinates = np.argwhere(mask)
-    if coordinates.size == 0:
-        return None
-    return coordinates.min(axis=0), coordinates.max(axis=0)
+    """Inclusive lower and upper array indices of the non-zero voxels, or None when empty. From the
+    projections on each axis, within the range found on the axes before: no list of every voxel (a
+    large organ's np.argwhere took 0.06 s of a correction)."""
+    lo, hi = [], []
+    region = np.asarray(mask)
+    for axis in range(region.ndim):
+        occupied = np.flatnonzero(region.any(axis=tuple(a for a in range(region.ndim) if a != axis)))
+        if occupied.size == 0:
+            return None
+        lo.append(occupied[0])
+        hi.append(occupied[-1])
+        region = region[(slice(None),) * axis + (slice(occupied[0], occupied[-1] + 1),)]
+    return np.array(lo), np.array(hi)
 
 
 def roi_around(mask: np.ndarray, margin_fraction: float, margin_voxels: int, minimum_size) -> tuple[slice, slice, slice] | None:

@@ -312,10 +312,11 @@ class Segmenter:
         if priors is not None and not network_only:
             for values, prior in zip(probabilities, priors):
                 _drop_components_off(values, prior, PRIOR_SEARCH_LEVEL)
-        original = np.clip(grid.to_original(probabilities), 0.0, 1.0)
+        original = grid.to_original(probabilities)  # a new array (or `probabilities` itself): clipped in place
+        np.clip(original, 0.0, 1.0, out=original)
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
                         for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
-        return Prediction(original.astype(np.float32), list(task.names), changed)
+        return Prediction(original.astype(np.float32, copy=False), list(task.names), changed)
 
     def _segment_framed(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet | None,
                         previous: np.ndarray | None, new_prompts: PromptSet | None, progress: ProgressCallback,
@@ -468,9 +469,10 @@ class Segmenter:
             if windows == 1 and encoded is not None:
                 encoded.extend(window_features)
             features = [f.repeat_interleave(classes, dim=0) for f in window_features]
+            prompts = None  # no prompts and no priors: the decoder skips the empty prompt channels
             if prompted:
                 prompts = window[:, 1:1 + len(PROMPT_CHANNELS)].repeat_interleave(classes, dim=0)
-            else:
+            elif priors is not None:
                 prompts = window.new_zeros((count * classes, len(PROMPT_CHANNELS)) + window.shape[2:])
             if priors is not None:
                 prompts = prompts.clone() if prompted else prompts

@@ -18,7 +18,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,12 +116,48 @@ class StepEpisodes:
     def __init__(self, sampler, seed: int, per_step: int) -> None:
         self.sampler, self.seed, self.per_step = sampler, seed, per_step
 
-    def __getitem__(self, step: int) -> list:
+    def __getitem__(self, step: int) -> PackedEpisodes:
         rng = np.random.default_rng([self.seed, int(step)])
-        return [self.sampler.sample(rng) for _ in range(self.per_step)]
+        return pack_episodes([self.sampler.sample(rng) for _ in range(self.per_step)])
 
 
-def _unbatched(item: list) -> list:
+@dataclass
+class PackedEpisodes:
+    """A step's episodes for the trip from a DataLoader worker: their arrays in one torch tensor per dtype
+    (torch hands tensors over in shared memory, while numpy arrays are pickled: 143 MB and about 0.7 s of
+    pickling a step of 48 real episodes), the episodes themselves with their arrays taken out."""
+
+    tensors: dict
+    layout: list  # per episode: (field, dtype, offset, shape) of each array
+    episodes: list
+
+
+def pack_episodes(episodes: list) -> PackedEpisodes:
+    import torch
+
+    blocks, layout, bare = {}, [], []
+    for episode in episodes:
+        arrays = {name: value for name, value in vars(episode).items() if isinstance(value, np.ndarray)}
+        placed = []
+        for name, array in arrays.items():
+            parts = blocks.setdefault(array.dtype.str, [])
+            placed.append((name, array.dtype.str, sum(part.size for part in parts), array.shape))
+            parts.append(np.ascontiguousarray(array).ravel())
+        layout.append(placed)
+        bare.append(replace(episode, **{name: None for name in arrays}))
+    tensors = {dtype: torch.from_numpy(np.concatenate(parts)) for dtype, parts in blocks.items()}
+    return PackedEpisodes(tensors, layout, bare)
+
+
+def unpack_episodes(packed: PackedEpisodes) -> list:
+    """The episodes of `pack_episodes`, their arrays views of the shared tensors."""
+    flat = {dtype: tensor.numpy() for dtype, tensor in packed.tensors.items()}
+    return [replace(episode, **{name: flat[dtype][offset:offset + math.prod(shape)].reshape(shape)
+                                for name, dtype, offset, shape in placed})
+            for episode, placed in zip(packed.episodes, packed.layout)]
+
+
+def _unbatched(item):
     return item
 
 
@@ -255,6 +291,36 @@ def use_own_predictions(model, episodes: list, rng: np.random.Generator, fractio
         logits, _ = episode_logits(model, chosen, device)
     for episode, block in zip(chosen, split_by_class(logits[:, 0].cpu().numpy() > 0, chosen)):
         with_corrections(episode, block, rng, episode_config)
+
+
+class StepPhases:
+    """Mean seconds per step of each part of a training step since the last log line, so a log says what
+    bounds the episodes/s (on CUDA each lap waits for the device's queued work first)."""
+
+    def __init__(self, device: str) -> None:
+        self.synchronize = _cuda_synchronize if device == "cuda" else (lambda: None)
+        self.last, self.totals, self.steps = time.monotonic(), {}, 0
+
+    def lap(self, name: str | None) -> None:
+        """Charge the time since the previous lap to `name` (None: to nothing)."""
+        self.synchronize()
+        now = time.monotonic()
+        if name is not None:
+            self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+            self.steps += name == "network step"
+        self.last = now
+
+    def means(self) -> dict[str, float]:
+        """Seconds per step of each part since the previous call; starts a new window."""
+        means = {name: round(total / max(self.steps, 1), 4) for name, total in self.totals.items()}
+        self.totals, self.steps = {}, 0
+        return means
+
+
+def _cuda_synchronize() -> None:
+    import torch
+
+    torch.cuda.synchronize()
 
 
 def update_ema(ema, model, decay: float) -> None:
@@ -486,6 +552,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     model.train()
     window, window_start, window_episodes = [], time.monotonic(), 0
     session_start_seconds, first_step = state.seconds, state.step
+    phases = StepPhases(device)
 
     def checkpoint() -> None:
         state.seconds = session_start_seconds + time.monotonic() - started
@@ -493,16 +560,20 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         (out / "validation.json").write_text(json.dumps(state.validation, indent=1) + "\n")
         plot_curves(out / "curves.png", state)
 
-    for episodes in loader:
+    for packed in loader:
+        episodes = unpack_episodes(packed)
+        phases.lap("waiting for CPU episodes")
         use_own_predictions(model, episodes, np.random.default_rng([config.seed, state.step, 1]),
                             config.self_prediction_fraction, episode_config, device, autocast)
         batch, count = (flatten_episodes(episodes, device) if episodes else None), len(episodes)
+        phases.lap("CPU episodes' own predictions and upload")
         if device_episodes is not None:
             drawn = device_episodes.sample(state.step, on_device)
             correct_own_predictions(lambda part: batch_logits(model, part), drawn, np.random.default_rng([config.seed, state.step, 3]),
                                     config.self_prediction_fraction, autocast)
             batch = drawn.inputs if batch is None else batch.joined(drawn.inputs)
             count += len(drawn.modes)
+            phases.lap("device episodes")
         time_fraction = (time.monotonic() - started) / (minutes * 60) if minutes and config.anneal_within_minutes else None
         rate_now = learning_rate(config, state.step, time_fraction, first_step)
         for group in optimizer.param_groups:
@@ -519,18 +590,21 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         state.episodes += count
         window.append((loss.item(), dice.mean().item()))
         window_episodes += count
+        phases.lap("network step")
         if state.step % config.log_every == 0 or state.step == config.total_steps:
             rate = window_episodes / max(time.monotonic() - window_start, 1e-9)
             entry = {"step": state.step, "loss": float(np.mean([w[0] for w in window])), "dice": float(np.mean([w[1] for w in window])),
-                     "lr": rate_now, "episodes_per_s": rate}
+                     "lr": rate_now, "episodes_per_s": rate, "seconds_per_step": phases.means()}
             state.history.append(entry)
-            print(f"step {state.step}: loss {entry['loss']:.4f}, dice {entry['dice']:.3f}, lr {entry['lr']:.2e}, {rate:.2f} episodes/s", flush=True)
+            print(f"step {state.step}: loss {entry['loss']:.4f}, dice {entry['dice']:.3f}, lr {entry['lr']:.2e}, {rate:.2f} episodes/s; "
+                  + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in entry["seconds_per_step"].items()), flush=True)
             window, window_start, window_episodes = [], time.monotonic(), 0
         if validation_cases and state.step % config.validate_every == 0:
             state.validation.append({"step": state.step} | validate(ema, validation_cases, device, autocast))
             print(f"step {state.step}: validation Dice {state.validation[-1]['dice']:.3f}", flush=True)
         if state.step % config.checkpoint_every == 0:
             checkpoint()
+        phases.lap(None)  # validation and checkpoints are not part of a step
         if time.monotonic() >= deadline or state.step >= config.total_steps:
             break
     if validation_cases and (not state.validation or state.validation[-1]["step"] != state.step):
