@@ -46,6 +46,27 @@ def test_sampled_episodes_are_consistent(seed):
     assert episode.ref_prompts.reshape(classes, references, -1).max(axis=-1).min() > 0  # every reference is prompted
 
 
+def test_a_step_leaves_a_worker_as_shared_tensors_and_arrives_unchanged():
+    import pickle
+
+    from weakicl.training.episodes import EpisodeConfig, EpisodeSampler
+    from weakicl.training.loop import StepEpisodes, unpack_episodes
+
+    sampler = EpisodeSampler(EpisodeConfig(max_classes=2, max_references=2, mode_weights={"propagate": 1, "correction": 1}), PATCH, 1.0, seed=0)
+    packed = StepEpisodes(sampler, 7, 4)[3]
+    rng = np.random.default_rng([7, 3])
+    drawn = [sampler.sample(rng) for _ in range(4)]
+    assert len(packed.tensors) == 2  # float32 and bool: one tensor each for the whole step
+    assert len(pickle.dumps(packed.episodes)) < 2000  # what is pickled holds no voxels
+    for episode, arrived in zip(drawn, unpack_episodes(packed)):
+        for name, value in vars(episode).items():
+            if isinstance(value, np.ndarray):
+                assert getattr(arrived, name).dtype == value.dtype
+                np.testing.assert_array_equal(getattr(arrived, name), value)
+            else:
+                assert getattr(arrived, name) == value, name
+
+
 def test_atlas_episodes_carry_the_moved_reference_annotations_as_a_soft_prior():
     from weakicl.prompts import MASK_CHANNEL
     from weakicl.training.episodes import EpisodeConfig, EpisodeSampler

@@ -2,7 +2,7 @@
 
     python scripts/ablations.py --manifest ../shared/data/manifest.json --validation 30 --out reports/ablations
     python scripts/ablations.py --manifest ../shared/data/manifest.json --tuning \
-        --variants engine geodesic-8 geodesic-16 no-geodesic --out reports/tuning-geodesic
+        --variants engine geodesic-8 geodesic-16 geodesic-24 geodesic-48 no-geodesic core-0.3 core-0.4 core-0.65 --out reports/tuning-geodesic
     python scripts/make_thick_slices.py --manifest ../shared/data/manifest.json --out .cache/thick6
     python scripts/ablations.py --manifest .cache/thick6/manifest.json --validation 24 \
         --variants engine no-geodesic anisotropy-1.5 anisotropy-2 anisotropy-3 kept-slices --out reports/ablations-thick6
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakicl import session
+from weakicl import adaptation, session
 from weakicl.evaluation.manifest import load_case, read_manifest, select_structures, structure_mask, tuning_structures
 from weakicl.evaluation.metrics import dice
 from weakicl.evaluation.protocols import Settings, structure_rng, target_prompts
@@ -70,6 +70,9 @@ VARIANTS = {  # name: (module constant patched, frame settings changed, what it 
     "geodesic-16": (_patched(session, "GEODESIC_WEIGHT", 16.0), {}, "geodesic seed competition at weight 16"),
     "geodesic-24": (_patched(session, "GEODESIC_WEIGHT", 24.0), {}, "geodesic seed competition at weight 24"),
     "geodesic-48": (_patched(session, "GEODESIC_WEIGHT", 48.0), {}, "geodesic seed competition at weight 48"),
+    "core-0.3": (_patched(adaptation, "CORE_FRACTION", 0.3), {}, "the central 30 % of a slice box as structure seeds (the engine: 50 %)"),
+    "core-0.4": (_patched(adaptation, "CORE_FRACTION", 0.4), {}, "the central 40 % of a slice box as structure seeds"),
+    "core-0.65": (_patched(adaptation, "CORE_FRACTION", 0.65), {}, "the central 65 % of a slice box as structure seeds"),
     "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
     "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
