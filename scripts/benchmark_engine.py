@@ -2,7 +2,7 @@
 
     python scripts/benchmark_engine.py [--device cpu|cuda] [--threads 2] [--shapes 128x256x256 256x256x256]
                                        [--large] [--weights FILE] [--batch-volumes 3] [--no-growcut]
-                                       [--cudnn-benchmark] [--profile FILE] [--out benchmarks/engine_cpu.json]
+                                       [--cudnn-benchmark] [--channels-last] [--profile FILE] [--out benchmarks/engine_cpu.json]
 
 Per volume shape (KJI): model load, context encoding (3 slice boxes), whole-volume segmentation of
 another volume from the cached task (context registered onto it), in-volume propagation from the boxes,
@@ -13,8 +13,9 @@ seconds and Dice after each click), plus a batch of new volumes (each registered
 resident memory of propagation on a 512x512x300 CT in a fresh process. Times are wall-clock on this
 machine: compare ratios within one run, not across machines. `--profile` appends the functions that take
 the time of one whole volume from the cached task and of one correction (cProfile) to a text file;
-`--cudnn-benchmark` lets cuDNN time its convolution algorithms per input shape (an experiment: the
-engine does not set it).
+`--cudnn-benchmark` lets cuDNN time its convolution algorithms per input shape, `--channels-last` keeps
+the network's weights in channels-last order (so its 3D convolutions run channels-last, which tensor
+cores favour under bf16): experiments, the engine sets neither.
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ def profiled(function, title: str, out: Path) -> None:
 
 
 def benchmark_shape(shape_kji, device: str, weights: str | None, batch_volumes: int, with_growcut: bool, align: bool,
-                    profile: Path | None = None) -> dict:
+                    profile: Path | None = None, channels_last: bool = False) -> dict:
     reference, truth = synthetic_ct(shape_kji, 0)
     boxes = slice_boxes(truth)
     segmenter, load_seconds = timed(lambda: Segmenter(weights, device))
+    if channels_last:
+        import torch
+
+        segmenter.model.to(memory_format=torch.channels_last_3d)
     task, encode_seconds = timed(lambda: segmenter.encode_context([(reference, boxes)]))
     other = synthetic_ct(shape_kji, 1)[0]
     whole, whole_seconds = timed(lambda: segmenter.segment(other, task, align_context=align))
@@ -179,6 +184,7 @@ def main() -> int:
     parser.add_argument("--no-registration", action="store_true",
                         help="whole volumes from the task tokens alone, every window (no SimpleITK here)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--channels-last", action="store_true", help="the network's weights in channels-last order")
     parser.add_argument("--profile", type=Path, help="append cProfile tables of a whole volume and a correction to this file")
     parser.add_argument("--out", default="benchmarks/engine_cpu.json")
     args = parser.parse_args()
@@ -197,12 +203,13 @@ def main() -> int:
         "runs": [],
         "registration": not args.no_registration,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "channels_last": args.channels_last,
     }
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
     for shape in shapes:  # written after each shape: a run cut short keeps what it measured
         results["runs"].append(benchmark_shape(shape, args.device, args.weights, args.batch_volumes, not args.no_growcut, not args.no_registration,
-                                               args.profile))
+                                               args.profile, args.channels_last))
         results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if args.device.startswith("cuda"):
             results["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

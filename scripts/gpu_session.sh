@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A lent GPU's whole session in one call (docs/TRAINING.md, "Training on a lent GPU"): first the engine
 # benchmark on the GPU (128x256x256 with 100 new volumes; 256³ with a cProfile table of a whole volume and
-# a correction, then 256³ again with cuDNN's algorithm search), then scripts/gpu_train.sh for MINUTES
+# a correction, then 256³ again with the network channels-last), then scripts/gpu_train.sh for MINUTES
 # minutes (falling back to CPU-drawn episodes if the device-drawn ones fail); packs the results into the
 # 8 files the device tool brings back:
 #   $OUT/checkpoint/{model,ema}.safetensors, state.json; $OUT/weakicl.{safetensors,json};
@@ -29,7 +29,7 @@ if ! python3 -c "import monai" 2>/dev/null; then
 fi
 bench --shapes 128x256x256 --batch-volumes 100 --out "$work/results/engine_cuda.json"
 bench --shapes 256x256x256 --batch-volumes 5 --profile "$work/results/profile_cuda_256.txt" --out "$work/results/engine_cuda_256.json"
-bench --shapes 256x256x256 --batch-volumes 5 --cudnn-benchmark --out "$work/results/engine_cuda_256_cudnn_benchmark.json"
+bench --shapes 256x256x256 --batch-volumes 5 --channels-last --out "$work/results/engine_cuda_256_channels_last.json"
 tail -n 5 "$work/results/engine.log"
 
 train_seconds=$(python3 -c "print(int($minutes * 60 + 120))")

@@ -343,7 +343,7 @@ class Segmenter:
             structure_image = image if structure is frame else structure.sample(prepared.normalized)
             margin = self._geodesic_margin(structure, structure_image, prompts, previous_mask)
             if margin is not None and structure is not frame:
-                margin = structure.resample_into(margin, frame, fill=-1.0)  # beyond it: background seeds
+                margin = structure.resample_into(margin, frame, fill=0.0)  # beyond it the network decides, as beyond the hull
             framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin)
             if previous_mask is None:  # propagation: the boxes, their hull and positive points say where
                 _drop_components_off(framed[0], foreground_prior(channels), 0.0)
@@ -390,7 +390,7 @@ class Segmenter:
         geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
         undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS)) > 0.5
         if previous is not None:
-            undecided |= frame.sample(previous.astype(np.float32), fill=0.0) > 0.5
+            undecided |= frame.sample(previous, fill=0.0) > 0.5  # sample converts only what the frame reaches
         radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
         undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
         sure = appearance_labels(frame_prompts, image.shape)
@@ -428,7 +428,7 @@ class Segmenter:
         if prompts is not None:
             channels = rasterize(frame.prompts_to_frame(prompts), geometry, hull_extension_gaps=HULL_EXTENSION_GAPS)
         if mask is not None:
-            channels[MASK_CHANNEL] = _resampled_mask(frame.sample(mask.astype(np.float32), fill=0.0))
+            channels[MASK_CHANNEL] = _resampled_mask(frame.sample(mask, fill=0.0))
         return channels
 
     def _roi(self, region: np.ndarray) -> tuple[slice, slice, slice] | None:
