@@ -286,6 +286,28 @@ def test_components_that_nowhere_reach_what_the_prompts_or_the_context_point_to_
     assert alone.max() == 0.8  # a single component stands: a registration can be off, an empty mask helps no one
 
 
+def test_dropping_components_keeps_exactly_those_that_reach_the_support():
+    from scipy import ndimage
+
+    from weakicl.session import _drop_components_off
+    from weakicl.simulation import FULL_CONNECTIVITY
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        values = ndimage.gaussian_filter(rng.random((20, 24, 28)), 1.5).astype(np.float32)
+        values = (values - values.min()) / (values.max() - values.min())
+        support = ndimage.gaussian_filter(rng.random(values.shape), 2.0).astype(np.float32)
+        support[support < np.quantile(support, 0.9)] = 0.0
+        components, count = ndimage.label(values > 0.5, FULL_CONNECTIVITY)
+        expected = values.copy()
+        if count > 1:
+            for label in range(1, count + 1):
+                if not (support[components == label] > 0.05).any():
+                    expected[components == label] = 0.0
+        _drop_components_off(values, support, 0.05)
+        np.testing.assert_array_equal(values, expected)
+
+
 def test_caches_forget_the_least_recently_used_entry():
     from weakicl.session import BoundedCache
 

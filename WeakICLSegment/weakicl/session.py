@@ -540,10 +540,11 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
     components, count = ndimage.label(values > 0.5, FULL_CONNECTIVITY)
     if count < 2:
         return
-    reach = ndimage.maximum(support, components, index=np.arange(1, count + 1))
-    off = np.flatnonzero(np.asarray(reach) <= level) + 1
-    if off.size:
-        values[np.isin(components, off)] = 0.0
+    kept = np.zeros(count + 1, dtype=bool)  # by component label; 0, the background, stays as it is
+    kept[0] = True
+    kept[np.unique(components[support > level])] = True  # only the supported voxels are looked at, not sorted all
+    if not kept.all():
+        values[~kept[components]] = 0.0
 
 
 def _silent(fraction: float, message: str) -> None:
