@@ -247,6 +247,26 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
     assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without probe and geodesic, only the seed balls differ
 
 
+def test_a_click_of_one_sign_changes_the_result_in_its_direction_only(segmenter, phantom):
+    """A negative click only removes, a positive one only adds: recomputing the click's neighbourhood
+    must not also drop or add voxels nobody pointed at (the network alone does, here)."""
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    previous = np.roll(truth, 2, axis=2)  # a result off by two voxels: voxels missed and voxels extra
+    for wrong, positive in ((truth & ~previous, True), (previous & ~truth, False)):
+        kji = np.argwhere(wrong)[len(np.argwhere(wrong)) // 2]
+        click = PromptSet(points=[Point(tuple(float(c) for c in kji[::-1]), positive)])
+        corrected = segmenter.segment(volume, task, boxes + click, previous, new_prompts=click).masks[0]
+        alone = segmenter.segment(volume, task, boxes + click, previous, new_prompts=click, network_only=True).masks[0]
+        if positive:
+            assert corrected[tuple(kji)] and (corrected >= previous).all() and (corrected > previous).any()
+            assert (alone < previous).any()
+        else:
+            assert not corrected[tuple(kji)] and (corrected <= previous).all() and (corrected < previous).any()
+            assert (alone > previous).any()
+
+
 def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom):
     """The probe reads the sliding window's padded image and encoder levels instead of encoding the frame
     again: one per level at the level's own scale, equal to the window's own features where one window

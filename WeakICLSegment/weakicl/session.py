@@ -281,6 +281,7 @@ class Segmenter:
         click would undo them): a bounded share of a probe of the image's appearance fitted to what the
         slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), and the margin of a
         geodesic competition between the seeds those prompts give (`weakicl.geodesic`, GrowCut's idea);
+        A correction by clicks of one sign only removes (negative) or only adds (positive) to `previous`.
         `network_only` turns all of these off: the network's output alone (the evaluation's ablation
         `model-network-only`).
         """
@@ -352,6 +353,8 @@ class Segmenter:
         if previous_mask is not None:
             probabilities[0] = previous_mask
         probabilities[(slice(None),) + region] = np.clip(frame.paste(framed, region), 0.0, 1.0)
+        if not network_only and previous_mask is not None and new_prompts is not None:
+            _one_way(probabilities[0], previous_mask, new_prompts)
         if not network_only and prompts is not None:
             _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
         return Prediction(probabilities, list(task.names), region)
@@ -530,6 +533,21 @@ def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, r
         grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
         inside = sum(((g - c) * d) ** 2 for g, c, d in zip(grids, centre, spacing_kji)) <= CLICK_SEED_MM**2
         probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
+
+
+def _one_way(probabilities: np.ndarray, previous: np.ndarray, new_prompts: PromptSet) -> None:
+    """A correction by clicks of one sign changes the previous result in that direction only, in place:
+    negative clicks only remove, positive ones only add. A click says what is wrong where it sits;
+    recomputing its neighbourhood otherwise also adds or drops voxels nobody pointed at (tuning
+    structures, 5 clicks: other 0.772 -> 0.779, hippocampus 0.860 -> 0.861, Dice far from the click
+    -0.003 -> +0.001 a click). New boxes, or clicks of both signs, may change either way."""
+    if new_prompts.boxes or new_prompts.oriented_boxes or not new_prompts.points:
+        return
+    signs = {point.positive for point in new_prompts.points}
+    if signs == {False}:
+        probabilities[~previous] = 0.0
+    elif signs == {True}:
+        probabilities[previous] = 1.0
 
 
 def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) -> None:
