@@ -14,6 +14,7 @@ from typing import Callable, MutableMapping, Sequence
 
 import numpy as np
 
+from .preprocess import bounding_box
 from .volume import Geometry, image_on_grid
 
 MIN_COARSE_VOXELS = 16  # the coarsest registration level keeps at least this many voxels per axis
@@ -41,10 +42,10 @@ class AtlasItem:
 
     def __post_init__(self) -> None:
         prior = np.asarray(self.prior, dtype=np.float32)
-        occupied = np.argwhere(prior > 0)
-        if len(occupied):
-            lo = np.maximum(occupied.min(axis=0) - 1, 0)
-            hi = np.minimum(occupied.max(axis=0) + 2, prior.shape)
+        bounds = bounding_box(prior > 0)
+        if bounds is not None:
+            lo = np.maximum(bounds[0] - 1, 0)
+            hi = np.minimum(bounds[1] + 2, prior.shape)
         else:
             lo, hi = np.zeros(3, dtype=int), np.ones(3, dtype=int)
         self.prior = prior[tuple(slice(a, b) for a, b in zip(lo, hi))].copy()

@@ -280,7 +280,7 @@ class Segmenter:
         click, and two terms join the network's logits, in propagation and in corrections alike (else a
         click would undo them): a bounded share of a probe of the image's appearance fitted to what the
         slice boxes and clicks in the frame say for sure (`weakicl.adaptation`), and the margin of a
-        geodesic competition between the seeds those prompts give (`weakicl.geodesic`, GrowCut's idea);
+        geodesic competition between the seeds those prompts give (`weakicl.geodesic`, GrowCut's idea).
         A correction by clicks of one sign only removes (negative) or only adds (positive) to `previous`.
         `network_only` turns all of these off: the network's output alone (the evaluation's ablation
         `model-network-only`).
