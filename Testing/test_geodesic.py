@@ -166,3 +166,20 @@ def test_a_correction_changes_the_competition_only_around_its_click(segmenter, p
     monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
     without = segmenter.segment(volume, task, boxes + new, first.astype(np.float32), new_prompts=new)
     assert without.changed_kji == corrected.changed_kji
+
+
+def test_sweeps_on_the_device_find_the_distances_of_the_search():
+    from scipy import ndimage
+
+    from weakicl.geodesic import _distances_from, _swept_distances
+
+    rng = np.random.default_rng(2)
+    image = ndimage.gaussian_filter(rng.normal(size=(12, 14, 16)), 1.0).astype(np.float32)  # winding cheapest paths
+    sources = np.zeros((3,) + image.shape, bool)
+    sources[0, 6, 7, 8] = True
+    sources[1, rng.integers(0, 12, 5), rng.integers(0, 14, 5), rng.integers(0, 16, 5)] = True
+    # sources[2] empty: nothing reachable
+    swept = _swept_distances(image, sources, "cpu")  # the CUDA code path, run on the CPU
+    for found, mask in zip(swept, sources):
+        np.testing.assert_allclose(found, _distances_from(image, mask), rtol=1e-9, atol=1e-12)
+    assert np.isinf(swept[2]).all()

@@ -201,6 +201,25 @@ def test_windows_in_batches_give_the_windows_one_at_a_time(segmenter, phantom):
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+def test_whole_volumes_take_the_fewest_windows_that_overlap_by_the_minimum(segmenter, phantom, monkeypatch):
+    from weakicl.session import MIN_WINDOW_OVERLAP_VOXELS, _window_tiling
+
+    assert _window_tiling(256, 96)[0] == 3  # 3 windows of 96 overlap by 16 voxels; a fixed quarter took 4
+    assert _window_tiling(96, 96) == (1, 0.0)
+    volume, truth = phantom
+    task = segmenter.encode_context([(volume, slice_boxes(truth))])
+    image = np.zeros((16, 48, 120), np.float32)  # windows of 48: 3 along i would overlap by 12 voxels only
+    starts, totals = [], set()
+    encode = segmenter.model.encode_image
+    monkeypatch.setattr(segmenter, "window_batch", 1)
+    monkeypatch.setattr(segmenter.model, "encode_image", lambda window: starts.append(window.shape) or encode(window))
+    segmenter._sliding_window(image, None, task, lambda fraction, message: totals.add(message.split("/")[-1]))
+    assert len(starts) == 4 and totals == {"4"}
+    count, overlap = _window_tiling(120, 48)
+    step = int(48 * (1 - overlap))
+    assert count == 4 and 48 - step >= MIN_WINDOW_OVERLAP_VOXELS and 3 * step + 48 >= 120
+
+
 def test_boxes_drawn_on_oblique_slices_guide_the_segmentation(segmenter, phantom):
     from weakicl.slicebox import OrientedBox
 

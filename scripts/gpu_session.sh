@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # A lent GPU's whole session in one call (docs/TRAINING.md, "Training on a lent GPU"): first the engine
 # benchmark on the GPU (128x256x256 with 100 new volumes; 256³ with a cProfile table of a whole volume and
-# a correction, then 256³ again with the network channels-last), then scripts/gpu_train.sh for MINUTES
+# a correction, then 256³ profiled with blocking kernel launches), then scripts/gpu_train.sh for MINUTES
 # minutes (falling back to CPU-drawn episodes if the device-drawn ones fail); packs the results into the
 # 8 files the device tool brings back:
 #   $OUT/checkpoint/{model,ema}.safetensors, state.json; $OUT/weakicl.{safetensors,json};
 #   $OUT/results.tar.gz (validation.json, throughput.json, curves.png, engine_cuda*.json, profile, nvidia-smi, logs).
 # Each part runs under its own timeout, so one failing part leaves the others' results.
 #
-# usage: OUT=folder scripts/gpu_session.sh [MINUTES]     (default 4; the call needs about MINUTES + 4.5 min)
+# usage: OUT=folder scripts/gpu_session.sh [MINUTES]     (default 4; 0: benchmarks only; the call needs about MINUTES + 4.5 min)
 # env:   DEVICE (cuda), BENCH_TIMEOUT (100 s per benchmark), WORK (.cache/gpu_session), and gpu_train.sh's CONFIG, RESUME
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +29,16 @@ if ! python3 -c "import monai" 2>/dev/null; then
 fi
 bench --shapes 128x256x256 --batch-volumes 100 --out "$work/results/engine_cuda.json"
 bench --shapes 256x256x256 --batch-volumes 5 --profile "$work/results/profile_cuda_256.txt" --out "$work/results/engine_cuda_256.json"
-bench --shapes 256x256x256 --batch-volumes 5 --channels-last --out "$work/results/engine_cuda_256_channels_last.json"
+# every kernel waits for its launch to finish: the profile then charges device time to the step that spent it
+CUDA_LAUNCH_BLOCKING=1 bench --shapes 256x256x256 --batch-volumes 0 --profile "$work/results/profile_cuda_256_blocking.txt" \
+    --out "$work/results/engine_cuda_256_blocking.json"
 tail -n 5 "$work/results/engine.log"
 
 train_seconds=$(python3 -c "print(int($minutes * 60 + 120))")
 started=$SECONDS
-if ! OUT="$work/train" RUN="$work/run" timeout "$train_seconds" scripts/gpu_train.sh "$minutes" > "$work/results/train.log" 2>&1 \
+if [ "$minutes" = 0 ]; then
+    echo "MINUTES 0: the benchmarks only" > "$work/results/train.log"
+elif ! OUT="$work/train" RUN="$work/run" timeout "$train_seconds" scripts/gpu_train.sh "$minutes" > "$work/results/train.log" 2>&1 \
         && (( SECONDS - started < 120 )); then  # a quick failure leaves time for a second try
     echo "device-drawn training failed; CPU-drawn episodes instead" | tee -a "$work/results/train.log"
     python3 -c "import json; c = json.load(open('${CONFIG:-configs/gpu_v03.json}')); c['device_synthetic_fraction'] = 0.0; \

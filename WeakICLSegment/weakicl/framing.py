@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .preprocess import bounding_box
+from .preprocess import bounding_box, linear_resample
 from .prompts import Box, Point, PromptSet
 
 
@@ -62,9 +62,11 @@ class Frame:
         """Resample [..., k, j, i] from the original grid into the frame (edge values outside, or `fill`).
         Up to linear interpolation only the voxels the frame reaches are read and converted to float (a
         correction samples a whole CT's mask into a small frame)."""
+        if order == 1:
+            return linear_resample(array, self.origin_kji, self.step_kji, self.shape_kji, fill)
         leading = array.shape[:-3]
         start = np.zeros(3, dtype=int)
-        if order <= 1:  # higher orders prefilter the whole array
+        if order < 1:
             size = np.asarray(array.shape[-3:])
             reach = self.origin_kji + self.step_kji * (np.asarray(self.shape_kji) - 1)
             start = np.clip(np.floor(self.origin_kji).astype(int) - 1, 0, size - 1)
@@ -90,22 +92,13 @@ class Frame:
         """Resample a frame array [..., k, j, i] back onto the original voxels of `region` (linear)."""
         start = np.array([s.start for s in region], dtype=float)
         shape = tuple(s.stop - s.start for s in region)
-        leading = frame_array.shape[:-3]
-        flat = frame_array.reshape((-1,) + frame_array.shape[-3:])
-        out = np.stack([
-            ndimage.affine_transform(channel.astype(np.float32, copy=False), 1.0 / self.step_kji,
-                                     offset=(start - self.origin_kji) / self.step_kji, output_shape=shape,
-                                     order=1, mode="nearest")
-            for channel in flat
-        ])
-        return out.reshape(leading + shape)
+        return linear_resample(frame_array, (start - self.origin_kji) / self.step_kji, 1.0 / self.step_kji, shape)
 
     def resample_into(self, frame_array: np.ndarray, other: Frame, fill: float) -> np.ndarray:
         """A (k, j, i) array on this frame resampled onto `other`, a frame over the same image (linear,
         `fill` outside this frame)."""
-        return ndimage.affine_transform(frame_array.astype(np.float32, copy=False), other.step_kji / self.step_kji,
-                                        offset=(other.origin_kji - self.origin_kji) / self.step_kji,
-                                        output_shape=other.shape_kji, order=1, mode="constant", cval=fill)
+        return linear_resample(frame_array, (other.origin_kji - self.origin_kji) / self.step_kji, other.step_kji / self.step_kji,
+                               other.shape_kji, fill)
 
     def prompts_to_frame(self, prompts: PromptSet) -> PromptSet:
         """Prompts in original IJK -> frame IJK (slice boxes stay thin: their thickness is kept below a voxel)."""

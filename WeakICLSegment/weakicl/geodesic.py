@@ -31,6 +31,8 @@ STEP_COST = 1e-3  # per voxel step, in units of the frame's 1st-99th percentile 
 # background seeds start this far outside the box hull extended by one box gap: GrowCut's seeds in the
 # evaluation too (chosen for that baseline on 30 structures of the hippocampus training split)
 BACKGROUND_GAP_MM = 2.0
+MAX_SWEEPS = 256  # rounds of `_swept_distances` at most (a few dozen suffice)
+SWEEP_TOLERANCE = 1e-9  # a round that shrinks no distance by more than this ends the sweeps
 HULL_GAPS = 1.0  # the hull that bounds the competition goes on one box gap past the outermost boxes
 
 
@@ -51,13 +53,15 @@ def seed_labels(sure: np.ndarray, undecided: np.ndarray) -> np.ndarray:
     return seeds
 
 
-def geodesic_margin(image: np.ndarray, seeds: np.ndarray) -> np.ndarray | None:
+def geodesic_margin(image: np.ndarray, seeds: np.ndarray, device: str = "cpu") -> np.ndarray | None:
     """(d_background - d_structure) / (d_background + d_structure) in [-1, 1] per voxel, the distances
     being the least summed absolute intensity change (plus STEP_COST per step) to a seed of each kind;
     None when either kind has no seed. Only the bounding box of the undecided voxels (plus one voxel)
     is searched, so paths leaving it are not counted, and a path may cross seeds of the other kind
     (GrowCut's labels block each other; here they do not). A box of more than MAX_SEARCH_VOXELS is
-    searched on a grid coarsened by a whole factor (a liver on a 1 mm grid) and its margin interpolated back."""
+    searched on a grid coarsened by a whole factor (a liver on a 1 mm grid) and its margin interpolated back.
+    On "cuda" the distances come from `_swept_distances` instead of a Dijkstra search on the CPU (the
+    same distances to float rounding; 0.19 s of a 0.56 s correction on an H200 machine)."""
     if not (np.any(seeds == 1) and np.any(seeds == 2)):
         return None
     margin = np.where(seeds == 1, 1.0, -1.0).astype(np.float32)
@@ -69,12 +73,12 @@ def geodesic_margin(image: np.ndarray, seeds: np.ndarray) -> np.ndarray | None:
     low, high = np.percentile(crop, [1, 99])
     crop = (crop - low) / max(float(high - low), 1e-6)
     factor = int(np.ceil((crop.size / MAX_SEARCH_VOXELS) ** (1 / 3)))
-    local = _searched_margin(crop, crop_seeds) if factor == 1 else _coarse_margin(crop, crop_seeds, factor)
+    local = _searched_margin(crop, crop_seeds, device) if factor == 1 else _coarse_margin(crop, crop_seeds, factor, device)
     margin[region] = np.where(crop_seeds == 0, local, margin[region])
     return margin
 
 
-def _coarse_margin(image: np.ndarray, seeds: np.ndarray, factor: int) -> np.ndarray:
+def _coarse_margin(image: np.ndarray, seeds: np.ndarray, factor: int, device: str) -> np.ndarray:
     """The margin searched on blocks of factor³ voxels (mean intensity; a structure seed where a block
     holds one, a background seed where it holds nothing else), interpolated back to the voxels."""
     padding = [(0, -n % factor) for n in image.shape]
@@ -85,15 +89,18 @@ def _coarse_margin(image: np.ndarray, seeds: np.ndarray, factor: int) -> np.ndar
         return reduce(padded.reshape(blocks[0], factor, blocks[1], factor, blocks[2], factor), axis=(1, 3, 5))
 
     coarse_seeds = np.where(pooled(seeds == 1, np.any), 1, np.where(pooled(seeds == 2, np.all), 2, 0)).astype(np.int8)
-    coarse = _searched_margin(pooled(image, np.mean), coarse_seeds)
+    coarse = _searched_margin(pooled(image, np.mean), coarse_seeds, device)
     fine = ndimage.zoom(coarse, factor, order=1, mode="nearest", grid_mode=True)
     return fine[tuple(slice(0, n) for n in image.shape)]
 
 
-def _searched_margin(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+def _searched_margin(image: np.ndarray, seeds: np.ndarray, device: str) -> np.ndarray:
     """The margin in [-1, 1] of every voxel of a crop from its seeds: +1 (-1) where only structure
     (background) seeds reach, 0 where none does."""
-    to_structure, to_background = (_distances_from(image, seeds == kind) for kind in (1, 2))
+    if device == "cuda":
+        to_structure, to_background = _swept_distances(image, np.stack([seeds == 1, seeds == 2]), device)
+    else:
+        to_structure, to_background = (_distances_from(image, seeds == kind) for kind in (1, 2))
     with np.errstate(invalid="ignore"):
         local = (to_background - to_structure) / (to_background + to_structure + 1e-6)
     local[np.isinf(to_background) & np.isfinite(to_structure)] = 1.0
@@ -118,3 +125,29 @@ def _distances_from(image: np.ndarray, sources: np.ndarray) -> np.ndarray:
         costs.append(np.abs(image[head] - image[tail]).ravel() + STEP_COST)
     graph = csr_matrix((np.concatenate(costs), (np.concatenate(heads), np.concatenate(tails))), shape=(image.size, image.size))
     return dijkstra(graph, directed=False, indices=np.flatnonzero(sources), min_only=True).reshape(image.shape)
+
+
+def _swept_distances(image: np.ndarray, sources: np.ndarray, device: str) -> np.ndarray:
+    """What `_distances_from` gives for each of the source masks stacked in `sources` (N, k, j, i), found
+    by sweeps on the device instead of a search: along a line of voxels with prefix sums P of the step
+    costs, the best path from the left is P[v] + min over u <= v of (d[u] - P[u]), a running minimum;
+    both directions of all three axes are swept until no distance shrinks by more than SWEEP_TOLERANCE
+    (paths turn, so a few dozen rounds), summed in float64 as the search sums."""
+    import torch
+
+    values = torch.as_tensor(image, dtype=torch.float32, device=device)
+    distances = torch.full(sources.shape, torch.inf, dtype=torch.float64, device=device)
+    distances[torch.as_tensor(sources, device=device)] = 0.0
+    prefixes = []
+    for axis in range(3):
+        steps = (values.diff(dim=axis).abs() + STEP_COST).double()  # rounded as the search's float32 costs
+        start = torch.zeros_like(steps.narrow(axis, 0, 1))
+        prefixes.append((axis + 1, torch.cat([start, steps.cumsum(axis)], dim=axis)))
+    for _ in range(MAX_SWEEPS):
+        before = distances
+        for axis, prefix in prefixes:
+            distances = prefix + torch.cummin(distances - prefix, dim=axis).values
+            distances = torch.cummin((distances + prefix).flip(axis), dim=axis).values.flip(axis) - prefix
+        if not bool(((before - distances) > SWEEP_TOLERANCE).any()):  # inf - inf is nan: not a change
+            break
+    return distances.cpu().numpy()

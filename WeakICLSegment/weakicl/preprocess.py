@@ -82,6 +82,8 @@ class WorkingGrid:
     def _resample(self, array: np.ndarray, step_kji: np.ndarray, shape_kji, order: int) -> np.ndarray:
         if self.is_identity:
             return array
+        if order == 1:
+            return linear_resample(array, np.zeros(3), step_kji, shape_kji)
         leading = array.shape[:-3]
         flat = array.reshape((-1,) + array.shape[-3:])
         out = np.stack([
@@ -89,6 +91,31 @@ class WorkingGrid:
             for channel in flat
         ])
         return out.reshape(leading + tuple(shape_kji))
+
+
+def linear_resample(array: np.ndarray, origin_kji, step_kji, shape_kji, fill: float | None = None) -> np.ndarray:
+    """float32 [..., k, j, i] sampled at original KJI `origin + step * output index` by linear
+    interpolation, edge values outside (or `fill` past the first or last voxel of an axis): what
+    `ndimage.affine_transform(order=1, mode="nearest" or "constant")` gives for this diagonal transform
+    (to float rounding, tested), as one interpolation per axis over only the voxels the output reaches.
+    Why: 3-5 times faster, and a correction samples frames from whole volumes several times."""
+    array = np.asarray(array)
+    size = array.shape[-3:]
+    where = [float(origin) + float(step) * np.arange(int(count)) for origin, step, count in zip(origin_kji, step_kji, shape_kji)]
+    first = [int(np.clip(np.floor(w.min()), 0, n - 1)) for w, n in zip(where, size)]
+    last = [int(np.clip(np.floor(w.max()) + 2, f + 1, n)) for w, f, n in zip(where, first, size)]
+    out = array[(Ellipsis,) + tuple(slice(f, l) for f, l in zip(first, last))]  # a view: nothing converted yet
+    for axis, (coordinates, start, n) in enumerate(zip(where, first, size), start=-3):
+        below = np.floor(coordinates).astype(np.int64)
+        weight = (coordinates - below).astype(np.float32).reshape((-1,) + (1,) * (-axis - 1))
+        low = np.take(out, np.clip(below, 0, n - 1) - start, axis=axis).astype(np.float32, copy=False)
+        high = np.take(out, np.clip(below + 1, 0, n - 1) - start, axis=axis).astype(np.float32, copy=False)
+        out = low + (high - low) * weight
+        if fill is not None:
+            outside = (coordinates < 0) | (coordinates > n - 1)
+            if outside.any():
+                out[(Ellipsis, outside) + (slice(None),) * (-axis - 1)] = fill
+    return out
 
 
 def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
