@@ -183,3 +183,6 @@ def test_sweeps_on_the_device_find_the_distances_of_the_search():
     for found, mask in zip(swept, sources):
         np.testing.assert_allclose(found, _distances_from(image, mask), rtol=1e-9, atol=1e-12)
     assert np.isinf(swept[2]).all()
+    flat, seed = image[:1], np.zeros((1, 1, 14, 16), bool)  # a single slice: no steps along k
+    seed[0, 0, 3, 4] = True
+    np.testing.assert_allclose(_swept_distances(flat, seed, "cpu")[0], _distances_from(flat, seed[0]), rtol=1e-9)

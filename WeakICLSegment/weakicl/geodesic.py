@@ -140,6 +140,8 @@ def _swept_distances(image: np.ndarray, sources: np.ndarray, device: str) -> np.
     distances[torch.as_tensor(sources, device=device)] = 0.0
     prefixes = []
     for axis in range(3):
+        if values.shape[axis] < 2:  # a single slice: no steps along it
+            continue
         steps = (values.diff(dim=axis).abs() + STEP_COST).double()  # rounded as the search's float32 costs
         start = torch.zeros_like(steps.narrow(axis, 0, 1))
         prefixes.append((axis + 1, torch.cat([start, steps.cumsum(axis)], dim=axis)))
