@@ -200,3 +200,33 @@ def test_jittered_clicks_land_off_centre_but_deep_in_the_same_error():
     voxels = {tuple(int(c) for c in click.ijk[::-1]) for click in clicks}
     assert all(click.positive for click in clicks) and len(voxels) > 5  # people do not hit one voxel
     assert all(miss[v] and depth[v] >= depth.max() / 2 for v in voxels)
+
+
+def test_clicks_found_in_the_error_s_bounding_box_are_those_of_the_whole_array():
+    from scipy import ndimage
+
+    from weakicl.simulation import FULL_CONNECTIVITY
+
+    def whole_array_click(prediction, truth, jitter, rng):  # the depths over the whole array, as before
+        errors = [(truth & ~prediction, True), (prediction & ~truth, False)]
+        best = max(((labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1, positive, np.bincount(labels.ravel())[1:].max())
+                    for error, positive in errors for labels in [ndimage.label(error, FULL_CONNECTIVITY)[0]] if labels.any()),
+                   key=lambda item: item[2])  # the first of equal sizes, as corrective_click keeps
+        depth = ndimage.distance_transform_edt(np.pad(best[0], 1))[1:-1, 1:-1, 1:-1]
+        if jitter:
+            deep = np.argwhere(depth >= max(1.0, depth.max() * (1.0 - 5.0 * jitter)))
+            return tuple(deep[int(rng.integers(len(deep)))]), best[1]
+        return np.unravel_index(int(np.argmax(depth)), depth.shape), best[1]
+
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        truth = np.zeros((18, 22, 26), bool)  # blobs away from the array's corner: the boxes start inside it
+        truth[4:14, 5:18, 6:21] = ndimage.gaussian_filter(rng.random((10, 13, 15)), 1.5) > 0.5
+        prediction = ndimage.binary_dilation(truth, iterations=int(rng.integers(0, 3))) & (rng.random(truth.shape) > 0.05 * (trial % 3))
+        for jitter in (0.0, 0.1):
+            seed = int(rng.integers(1 << 30))
+            click = corrective_click(prediction, truth, jitter, np.random.default_rng(seed))
+            if click is None:
+                continue
+            kji, positive = whole_array_click(prediction, truth, jitter, np.random.default_rng(seed))
+            assert click.positive == positive and tuple(int(c) for c in click.ijk[::-1]) == tuple(int(c) for c in kji)
