@@ -355,7 +355,7 @@ class Segmenter:
             probabilities[0] = previous_mask
         probabilities[(slice(None),) + region] = np.clip(frame.paste(framed, region), 0.0, 1.0)
         if not network_only and previous_mask is not None and new_prompts is not None:
-            _one_way(probabilities[0], previous_mask, new_prompts)
+            _one_way(probabilities[0][region], previous_mask[region], new_prompts)  # beyond the region it is `previous`
         if not network_only and prompts is not None:
             _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
         return Prediction(probabilities, list(task.names), region)
