@@ -266,6 +266,25 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
     assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without probe and geodesic, only the seed balls differ
 
 
+def test_a_correction_sampled_by_torch_on_the_device_gives_what_numpy_gives(segmenter, phantom, monkeypatch):
+    """The CUDA path (frames sampled from the image and previous mask as tensors), run on the CPU."""
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    first = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+    inside = np.argwhere(truth & ~first)
+    point = inside[len(inside) // 2] if len(inside) else np.argwhere(truth)[0]
+    click = PromptSet(points=[Point(tuple(float(c) for c in point[::-1]), True)])
+    on_host = segmenter.segment(volume, task, boxes + click, first, new_prompts=click).probabilities
+    sampled = []
+    original = segmenter._tensor
+    monkeypatch.setattr(segmenter, "sample_on_device", True)
+    monkeypatch.setattr(segmenter, "_tensor", lambda array: sampled.append(array.shape) or original(array))
+    on_device = segmenter.segment(volume, task, boxes + click, first, new_prompts=click).probabilities
+    assert volume.geometry.shape_kji in sampled  # the image went to the device whole, once
+    np.testing.assert_allclose(on_device, on_host, atol=1e-5)
+
+
 def test_a_click_of_one_sign_changes_the_result_in_its_direction_only(segmenter, phantom):
     """A negative click only removes, a positive one only adds: recomputing the click's neighbourhood
     must not also drop or add voxels nobody pointed at (the network alone does, here)."""

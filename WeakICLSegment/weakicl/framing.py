@@ -59,7 +59,8 @@ class Frame:
     spacing_kji: np.ndarray  # mm per frame voxel
 
     def sample(self, array: np.ndarray, order: int = 1, fill: float | None = None) -> np.ndarray:
-        """Resample [..., k, j, i] from the original grid into the frame (edge values outside, or `fill`).
+        """Resample [..., k, j, i] from the original grid into the frame (edge values outside, or `fill`);
+        with linear interpolation a torch tensor is sampled on its device (`preprocess.linear_resample`).
         Up to linear interpolation only the voxels the frame reaches are read and converted to float (a
         correction samples a whole CT's mask into a small frame)."""
         if order == 1:
