@@ -127,3 +127,12 @@ def test_sampling_reads_only_what_the_frame_reaches_and_gives_what_the_whole_arr
     assert bounding_box(np.zeros((3, 4, 5), bool)) is None
     lo, hi = bounding_box(mask)
     assert (lo == np.argwhere(mask).min(axis=0)).all() and (hi == np.argwhere(mask).max(axis=0)).all()
+
+
+def test_an_empty_region_samples_to_an_empty_array():
+    import torch
+
+    from weakicl.preprocess import linear_resample
+
+    assert linear_resample(np.ones((2, 3, 4, 5), np.float32), (0, 0, 0), (1, 1, 1), (0, 4, 4)).shape == (2, 0, 4, 4)
+    assert linear_resample(torch.ones((3, 4, 5)), (0, 0, 0), (1, 1, 1), (3, 0, 5)).shape == (3, 0, 5)

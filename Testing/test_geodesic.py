@@ -186,3 +186,22 @@ def test_sweeps_on_the_device_find_the_distances_of_the_search():
     flat, seed = image[:1], np.zeros((1, 1, 14, 16), bool)  # a single slice: no steps along k
     seed[0, 0, 3, 4] = True
     np.testing.assert_allclose(_swept_distances(flat, seed, "cpu")[0], _distances_from(flat, seed[0]), rtol=1e-9)
+
+
+def test_sweeps_that_do_not_settle_leave_the_distances_to_the_search(monkeypatch):
+    from weakicl import geodesic
+
+    image = np.ones((1, 12, 12), np.float32)
+    image[0, 1:11:2, :11] = 50.0  # walls with a gap at alternating ends: a serpentine path
+    image[0, 3:11:4, :1] = 1.0
+    image[0, 3:11:4, 11:] = 50.0
+    sources = np.zeros((1,) + image.shape, bool)
+    sources[0, 0, 0, 0] = True
+    monkeypatch.setattr(geodesic, "MAX_SWEEPS", 1)
+    assert geodesic._swept_distances(image, sources, "cpu") is None  # one round cannot follow the turns
+    monkeypatch.setattr(geodesic, "MAX_SWEEPS", 256)
+    np.testing.assert_allclose(geodesic._swept_distances(image, sources, "cpu")[0], geodesic._distances_from(image, sources[0]), rtol=1e-9)
+    seeds = np.zeros(image.shape, np.int8)
+    seeds[0, 0, 0], seeds[0, -1, -1] = 1, 2
+    monkeypatch.setattr(geodesic, "_swept_distances", lambda image, sources, device: None)  # as if unsettled on CUDA
+    np.testing.assert_array_equal(geodesic._searched_margin(image, seeds, "cuda"), geodesic._searched_margin(image, seeds, "cpu"))

@@ -17,12 +17,15 @@ hippocampus on 6 mm slices spans 2-4 slices), the competition is an in-plane Gro
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
+
+log = logging.getLogger(__name__)
 
 GEODESIC_WEIGHT = 12.0  # logits added at full margin (tuning structures, other / hippocampus: none 0.676 / 0.828,
 # 8 -> 0.727 / 0.854, 12 -> 0.735 / 0.853, 16 -> 0.739 / 0.852)
@@ -31,7 +34,7 @@ STEP_COST = 1e-3  # per voxel step, in units of the frame's 1st-99th percentile 
 # background seeds start this far outside the box hull extended by one box gap: GrowCut's seeds in the
 # evaluation too (chosen for that baseline on 30 structures of the hippocampus training split)
 BACKGROUND_GAP_MM = 2.0
-MAX_SWEEPS = 256  # rounds of `_swept_distances` at most (a few dozen suffice)
+MAX_SWEEPS = 256  # rounds of `_swept_distances` at most (noise on a 64³ crop settles in about 70; beyond, the search)
 SWEEP_TOLERANCE = 1e-9  # a round that shrinks no distance by more than this ends the sweeps
 HULL_GAPS = 1.0  # the hull that bounds the competition goes on one box gap past the outermost boxes
 
@@ -97,10 +100,11 @@ def _coarse_margin(image: np.ndarray, seeds: np.ndarray, factor: int, device: st
 def _searched_margin(image: np.ndarray, seeds: np.ndarray, device: str) -> np.ndarray:
     """The margin in [-1, 1] of every voxel of a crop from its seeds: +1 (-1) where only structure
     (background) seeds reach, 0 where none does."""
-    if device == "cuda":
-        to_structure, to_background = _swept_distances(image, np.stack([seeds == 1, seeds == 2]), device)
-    else:
+    swept = _swept_distances(image, np.stack([seeds == 1, seeds == 2]), device) if device == "cuda" else None
+    if swept is None:  # the CPU, or sweeps that did not settle: the search
         to_structure, to_background = (_distances_from(image, seeds == kind) for kind in (1, 2))
+    else:
+        to_structure, to_background = swept
     with np.errstate(invalid="ignore"):
         local = (to_background - to_structure) / (to_background + to_structure + 1e-6)
     local[np.isinf(to_background) & np.isfinite(to_structure)] = 1.0
@@ -127,12 +131,13 @@ def _distances_from(image: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return dijkstra(graph, directed=False, indices=np.flatnonzero(sources), min_only=True).reshape(image.shape)
 
 
-def _swept_distances(image: np.ndarray, sources: np.ndarray, device: str) -> np.ndarray:
+def _swept_distances(image: np.ndarray, sources: np.ndarray, device: str) -> np.ndarray | None:
     """What `_distances_from` gives for each of the source masks stacked in `sources` (N, k, j, i), found
     by sweeps on the device instead of a search: along a line of voxels with prefix sums P of the step
     costs, the best path from the left is P[v] + min over u <= v of (d[u] - P[u]), a running minimum;
     both directions of all three axes are swept until no distance shrinks by more than SWEEP_TOLERANCE
-    (paths turn, so a few dozen rounds), summed in float64 as the search sums."""
+    (paths turn, so a few dozen rounds), summed in float64 as the search sums. None when MAX_SWEEPS rounds
+    did not settle them (a path that turns at every voxel, as in a maze): the caller searches instead."""
     import torch
 
     values = torch.as_tensor(image, dtype=torch.float32, device=device)
@@ -151,5 +156,6 @@ def _swept_distances(image: np.ndarray, sources: np.ndarray, device: str) -> np.
             distances = prefix + torch.cummin(distances - prefix, dim=axis).values
             distances = torch.cummin((distances + prefix).flip(axis), dim=axis).values.flip(axis) - prefix
         if not bool(((before - distances) > SWEEP_TOLERANCE).any()):  # inf - inf is nan: not a change
-            break
-    return distances.cpu().numpy()
+            return distances.cpu().numpy()
+    log.debug("geodesic sweeps unsettled after %d rounds: searching instead", MAX_SWEEPS)
+    return None

@@ -97,7 +97,9 @@ def linear_resample(array, origin_kji, step_kji, shape_kji, fill: float | None =
     """float32 [..., k, j, i] sampled at original KJI `origin + step * output index` by linear
     interpolation, edge values outside (or `fill` past the first or last voxel of an axis): what
     `ndimage.affine_transform(order=1, mode="nearest" or "constant")` gives for this diagonal transform
-    (to float rounding, tested), as one interpolation per axis over only the voxels the output reaches.
+    (to float rounding, tested; a sample within rounding of an axis's first or last voxel may take the
+    edge value where scipy gives `fill`, or the reverse), as one interpolation per axis over only the
+    voxels the output reaches.
     Why: 3-5 times faster, and a correction samples frames from whole volumes several times. A torch
     tensor is sampled on its own device and gives a tensor there (a GPU correction's frames)."""
     on_torch = hasattr(array, "index_select")
@@ -118,6 +120,9 @@ def linear_resample(array, origin_kji, step_kji, shape_kji, fill: float | None =
         def on_device(values):
             return values
     size = array.shape[-3:]
+    if 0 in tuple(int(n) for n in shape_kji):  # an empty region: nothing to sample
+        empty = np.zeros(array.shape[:-3] + tuple(int(n) for n in shape_kji), np.float32)
+        return on_device(empty) if on_torch else empty
     where = [float(origin) + float(step) * np.arange(int(count)) for origin, step, count in zip(origin_kji, step_kji, shape_kji)]
     first = [int(np.clip(np.floor(w.min()), 0, n - 1)) for w, n in zip(where, size)]
     last = [int(np.clip(np.floor(w.max()) + 2, f + 1, n)) for w, f, n in zip(where, first, size)]
