@@ -283,6 +283,8 @@ def test_a_correction_sampled_by_torch_on_the_device_gives_what_numpy_gives(segm
     on_device = segmenter.segment(volume, task, boxes + click, first, new_prompts=click).probabilities
     assert volume.geometry.shape_kji in sampled  # the image went to the device whole, once
     np.testing.assert_allclose(on_device, on_host, atol=1e-5)
+    propagated = segmenter.segment(volume, task, target_prompts=boxes).masks[0]  # propagation samples there too
+    assert np.array_equal(propagated, first)
 
 
 def test_a_click_of_one_sign_changes_the_result_in_its_direction_only(segmenter, phantom):
