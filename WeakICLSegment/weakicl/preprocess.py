@@ -119,11 +119,10 @@ def linear_resample(array, origin_kji, step_kji, shape_kji, fill: float | None =
 
         def on_device(values):
             return values
-    size = array.shape[-3:]
-    if 0 in tuple(int(n) for n in shape_kji):  # an empty region: nothing to sample
-        empty = np.zeros(array.shape[:-3] + tuple(int(n) for n in shape_kji), np.float32)
-        return on_device(empty) if on_torch else empty
-    where = [float(origin) + float(step) * np.arange(int(count)) for origin, step, count in zip(origin_kji, step_kji, shape_kji)]
+    size, shape = array.shape[-3:], tuple(int(n) for n in shape_kji)
+    if 0 in shape:  # an empty region: nothing to sample
+        return on_device(np.zeros(array.shape[:-3] + shape, np.float32))
+    where = [float(origin) + float(step) * np.arange(count) for origin, step, count in zip(origin_kji, step_kji, shape)]
     first = [int(np.clip(np.floor(w.min()), 0, n - 1)) for w, n in zip(where, size)]
     last = [int(np.clip(np.floor(w.max()) + 2, f + 1, n)) for w, f, n in zip(where, first, size)]
     out = array[(Ellipsis,) + tuple(slice(f, l) for f, l in zip(first, last))]  # a view: nothing converted yet
