@@ -144,6 +144,9 @@ def test_working_grid_reaches_the_last_voxel():
 
 
 def test_a_target_without_prompts_starts_from_the_context_registered_onto_it(segmenter, phantom, monkeypatch):
+    from weakicl import session
+
+    monkeypatch.setattr(session, "OWN_BOX_LEVEL", None)  # the first pass alone; the second has its own test
     volume, truth = phantom
     target = Volume(np.roll(volume.array, 2, axis=1).copy(), volume.geometry, "MR")
     task = segmenter.encode_context([(volume, truth)])
@@ -366,6 +369,95 @@ def test_dropping_components_keeps_exactly_those_that_reach_the_support():
                     expected[components == label] = 0.0
         _drop_components_off(values, support, 0.05)
         np.testing.assert_array_equal(values, expected)
+
+
+def test_own_slice_boxes_are_the_protocols_boxes_of_the_largest_sure_component():
+    from weakicl.session import own_slice_boxes
+
+    sure = np.zeros((20, 16, 18), dtype=bool)
+    sure[4:15, 3:9, 5:12] = True
+    sure[17:19, 14:16, 0:2] = True  # a smaller component elsewhere draws no box
+    boxes = own_slice_boxes(sure, (1.0, 1.0, 1.0))
+    assert boxes.boxes == slice_boxes(sure[:16]).boxes and len(boxes.boxes) == 3
+    across_i = own_slice_boxes(sure, (3.0, 1.0, 1.0))  # thick along I: boxes on the scan's own (J, K) slices
+    assert all(box.lo_ijk[0] == box.hi_ijk[0] for box in across_i.boxes)
+    line = np.zeros((10, 10, 10), dtype=bool)
+    line[2:8, 4, 9] = True  # one voxel wide in both in-plane axes: widened into valid boxes inside the image
+    thin = own_slice_boxes(line, (1.0, 1.0, 1.0))
+    for box in thin.boxes:
+        assert np.subtract(box.hi_ijk, box.lo_ijk)[:2].tolist() == [1.0, 1.0] and box.hi_ijk[0] <= 9.0
+    PromptSet(boxes=thin.boxes).validate(Geometry.identity((10, 10, 10)))
+    assert own_slice_boxes(np.zeros((4, 4, 4), dtype=bool), (1.0, 1.0, 1.0)) is None
+
+
+def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segmenter, monkeypatch):
+    from weakicl import session
+    from weakicl.session import Prediction
+
+    geometry = Geometry.identity((32, 64, 64))
+    truth = ellipsoid(geometry.shape_kji, (16, 14, 14), (5, 5, 5))
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = TaskEmbedding.stack([segmenter.encode_context([(volume, truth)], name) for name in ("a", "b")])
+    first = np.zeros((2,) + truth.shape, dtype=np.float32)
+    first[0][truth] = 0.9  # class a: the structure, sure
+    first[0][16, 14, 14:61] = first[0][16, 14:61, 60] = first[0][16:31, 60, 60] = 0.6  # a thread, not sure, to
+    first[0][30, 60, 60] = 0.9  # ... a sure voxel far away (one component with the structure, so not dropped)
+    first[1][truth] = 0.6  # class b: found, but nowhere sure
+    monkeypatch.setattr(segmenter, "_first_pass", lambda image, task, progress, priors, coarse: first[:, :image.shape[0], :image.shape[1], :image.shape[2]])
+    answer = {}
+    calls = []
+    framed = segmenter._segment_framed
+
+    def second_pass(target, prepared, single, boxes, *rest):
+        """The real propagation's frame, with the probabilities the test chooses."""
+        region = framed(target, prepared, single, boxes, *rest).changed_kji
+        calls.append((single.names, boxes, region))
+        return Prediction(answer["probabilities"][None], single.names, region)
+
+    monkeypatch.setattr(segmenter, "_segment_framed", second_pass)
+    with monkeypatch.context() as first_only:
+        first_only.setattr(session, "OWN_BOX_LEVEL", None)
+        alone = segmenter.segment(volume, task).probabilities
+    answer["probabilities"] = np.where(truth, 0.5, 0.0).astype(np.float32)  # agrees with the first pass
+    prediction = segmenter.segment(volume, task)
+    assert [names for names, _, _ in calls] == [["a"]]
+    assert calls[0][1] == session.own_slice_boxes(first[0] >= session.OWN_BOX_LEVEL, geometry.spacing)
+    region = calls[0][2]
+    expected = np.zeros(truth.shape, np.float32)  # the mean of both passes in the second one's frame, nothing beyond
+    expected[region] = 0.5 * (alone[0][region] + answer["probabilities"][region])
+    np.testing.assert_allclose(prediction.probabilities[0], expected, atol=1e-6)
+    assert np.isclose(prediction.probabilities[0][16, 16, 14], 0.7)
+    np.testing.assert_allclose(prediction.probabilities[1], alone[1], atol=1e-6)  # class b keeps its first pass
+    answer["probabilities"] = np.roll(answer["probabilities"], 12, axis=2)  # disagrees: the first pass stands
+    np.testing.assert_array_equal(segmenter.segment(volume, task).probabilities, alone)
+    calls.clear()
+    segmenter.segment(volume, task, network_only=True)
+    monkeypatch.setattr(session, "OWN_BOX_LEVEL", None)
+    segmenter.segment(volume, task)
+    assert calls == []
+
+
+def test_a_coarse_first_pass_sees_a_search_region_larger_than_a_window_whole_as_one_window(segmenter, phantom, monkeypatch):
+    from weakicl.session import WINDOW_PATCHES
+
+    volume, truth = phantom
+    task = segmenter.encode_context([(volume, slice_boxes(truth))])
+    window = WINDOW_PATCHES * max(segmenter.config.patch_size)
+    image = np.zeros((window // 2, window, 2 * window + 5), np.float32)
+    image[:, :, window:] = 1.0
+    priors = np.zeros((1,) + image.shape, np.float32)
+    seen = []
+    encode = segmenter.model.encode_image
+    monkeypatch.setattr(segmenter, "window_batch", 1)
+    monkeypatch.setattr(segmenter.model, "encode_image", lambda windows: seen.append(tuple(windows.shape[2:])) or encode(windows))
+    coarse = segmenter._first_pass(image, task, lambda fraction, message: None, priors, coarse=True)
+    assert len(seen) == 1 and max(seen[0]) <= window and coarse.shape == (1,) + image.shape
+    seen.clear()
+    fine = segmenter._first_pass(image, task, lambda fraction, message: None, priors, coarse=False)
+    assert len(seen) >= 3 and fine.shape == coarse.shape
+    small = image[:, :, :window]
+    np.testing.assert_array_equal(segmenter._first_pass(small, task, lambda fraction, message: None, priors[..., :window], coarse=True),
+                                  segmenter._first_pass(small, task, lambda fraction, message: None, priors[..., :window], coarse=False))
 
 
 def test_caches_forget_the_least_recently_used_entry():
