@@ -383,14 +383,21 @@ def test_own_slice_boxes_are_the_protocols_boxes_of_the_largest_sure_component()
     assert all(box.lo_ijk[0] == box.hi_ijk[0] for box in across_i.boxes)
     line = np.zeros((10, 10, 10), dtype=bool)
     line[2:8, 4, 9] = True  # one voxel wide in both in-plane axes: widened into valid boxes inside the image
-    thin = own_slice_boxes(line, (1.0, 1.0, 1.0))
+    thin = own_slice_boxes(line, (1.0, 1.0, 1.0))  # ... as wide as a slice box must be to count as one
     for box in thin.boxes:
-        assert np.subtract(box.hi_ijk, box.lo_ijk)[:2].tolist() == [1.0, 1.0] and box.hi_ijk[0] <= 9.0
+        assert np.subtract(box.hi_ijk, box.lo_ijk)[:2].tolist() == [2.0, 2.0] and box.hi_ijk[0] <= 9.0 and box.thin_axes() == [2]
     PromptSet(boxes=thin.boxes).validate(Geometry.identity((10, 10, 10)))
     assert own_slice_boxes(np.zeros((4, 4, 4), dtype=bool), (1.0, 1.0, 1.0)) is None
+    single_slice = np.zeros((1, 10, 12), dtype=bool)
+    single_slice[0, 3:6, 4:9] = True  # a 2D image: its one slice, whatever the spacing says
+    (box,) = own_slice_boxes(single_slice, (1.0, 1.0, 0.5)).boxes
+    assert box.lo_ijk == (4.0, 3.0, 0.0) and box.hi_ijk == (8.0, 5.0, 0.0)
+    assert own_slice_boxes(np.ones((1, 1, 10), dtype=bool), (1.0, 1.0, 1.0)) is None  # a line: no box to draw
 
 
 def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segmenter, monkeypatch):
+    import torch
+
     from weakicl import session
     from weakicl.session import Prediction
 
@@ -403,7 +410,8 @@ def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segm
     first[0][16, 14, 14:61] = first[0][16, 14:61, 60] = first[0][16:31, 60, 60] = 0.6  # a thread, not sure, to
     first[0][30, 60, 60] = 0.9  # ... a sure voxel far away (one component with the structure, so not dropped)
     first[1][truth] = 0.6  # class b: found, but nowhere sure
-    monkeypatch.setattr(segmenter, "_first_pass", lambda image, task, progress, priors, coarse: first[:, :image.shape[0], :image.shape[1], :image.shape[2]])
+    monkeypatch.setattr(segmenter, "_first_pass", lambda image, spacing, task, progress, priors, coarse:
+                        first[:, :image.shape[0], :image.shape[1], :image.shape[2]])
     answer = {}
     calls = []
     framed = segmenter._segment_framed
@@ -412,6 +420,7 @@ def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segm
         """The real propagation's frame, with the probabilities the test chooses."""
         region = framed(target, prepared, single, boxes, *rest).changed_kji
         calls.append((single.names, boxes, region))
+        assert torch.equal(single.tokens, task.tokens[:1])
         return Prediction(answer["probabilities"][None], single.names, region)
 
     monkeypatch.setattr(segmenter, "_segment_framed", second_pass)
@@ -419,7 +428,9 @@ def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segm
         first_only.setattr(session, "OWN_BOX_LEVEL", None)
         alone = segmenter.segment(volume, task).probabilities
     answer["probabilities"] = np.where(truth, 0.5, 0.0).astype(np.float32)  # agrees with the first pass
-    prediction = segmenter.segment(volume, task)
+    fractions = []
+    prediction = segmenter.segment(volume, task, progress=lambda fraction, message: fractions.append(fraction))
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # one progress bar for both passes
     assert [names for names, _, _ in calls] == [["a"]]
     assert calls[0][1] == session.own_slice_boxes(first[0] >= session.OWN_BOX_LEVEL, geometry.spacing)
     region = calls[0][2]
@@ -437,27 +448,51 @@ def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segm
     assert calls == []
 
 
+def test_a_single_slice_image_is_segmented_whole_with_its_second_pass(segmenter, monkeypatch):
+    from weakicl import session
+
+    geometry = Geometry.identity((1, 40, 40), (1.0, 2.0, 1.0))  # J the coarsest axis, K the single slice
+    truth = np.zeros(geometry.shape_kji, bool)
+    truth[0, 10:25, 12:30] = True
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)])
+    sure = np.where(truth, 0.9, 0.0).astype(np.float32)[None]
+    monkeypatch.setattr(segmenter, "_first_pass", lambda image, spacing, task, progress, priors, coarse: sure[:, :, :image.shape[1], :image.shape[2]])
+    boxes = []
+    framed = segmenter._segment_framed
+    monkeypatch.setattr(segmenter, "_segment_framed", lambda target, prepared, single, prompts, *rest:
+                        boxes.append(prompts) or framed(target, prepared, single, prompts, *rest))
+    assert segmenter.segment(volume, task).probabilities.shape == (1, 1, 40, 40)
+    assert boxes == [session.own_slice_boxes(truth, geometry.spacing)] and len(boxes[0].boxes) == 1
+
+
 def test_a_coarse_first_pass_sees_a_search_region_larger_than_a_window_whole_as_one_window(segmenter, phantom, monkeypatch):
     from weakicl.session import WINDOW_PATCHES
 
     volume, truth = phantom
     task = segmenter.encode_context([(volume, slice_boxes(truth))])
     window = WINDOW_PATCHES * max(segmenter.config.patch_size)
-    image = np.zeros((window // 2, window, 2 * window + 5), np.float32)
-    image[:, :, window:] = 1.0
-    priors = np.zeros((1,) + image.shape, np.float32)
+    shape = (window // 2, window, 2 * window + 5)
+    ramp = sum(np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)]) * (axis + 1)
+               for axis, n in enumerate(shape)) / 1000.0
     seen = []
-    encode = segmenter.model.encode_image
-    monkeypatch.setattr(segmenter, "window_batch", 1)
-    monkeypatch.setattr(segmenter.model, "encode_image", lambda windows: seen.append(tuple(windows.shape[2:])) or encode(windows))
-    coarse = segmenter._first_pass(image, task, lambda fraction, message: None, priors, coarse=True)
-    assert len(seen) == 1 and max(seen[0]) <= window and coarse.shape == (1,) + image.shape
+    monkeypatch.setattr(segmenter, "_sliding_window", lambda image, channels, task, progress, priors=None, encoded=None:
+                        seen.append(image.shape) or image[None])  # a "network" that returns its input
+    isotropic = np.ones(3)
+    coarse = segmenter._first_pass(ramp, isotropic, task, lambda fraction, message: None, None, coarse=True)
+    assert len(seen) == 1 and max(seen[0]) <= window and seen[0][0] < shape[0]  # one window, every axis coarser
+    np.testing.assert_allclose(coarse[0], ramp, atol=1e-5)  # back on the region's grid, voxel for voxel
     seen.clear()
-    fine = segmenter._first_pass(image, task, lambda fraction, message: None, priors, coarse=False)
-    assert len(seen) >= 3 and fine.shape == coarse.shape
-    small = image[:, :, :window]
-    np.testing.assert_array_equal(segmenter._first_pass(small, task, lambda fraction, message: None, priors[..., :window], coarse=True),
-                                  segmenter._first_pass(small, task, lambda fraction, message: None, priors[..., :window], coarse=False))
+    thick = segmenter._first_pass(ramp, np.array([4.0, 1.0, 1.0]), task, lambda fraction, message: None, None, coarse=True)
+    assert seen[0][0] == shape[0] and seen[0][2] <= window  # thick slices that fit stay as they are
+    np.testing.assert_allclose(thick[0], ramp, atol=1e-5)
+    seen.clear()
+    segmenter._first_pass(ramp, isotropic, task, lambda fraction, message: None, None, coarse=False)
+    assert seen == [shape]
+    seen.clear()
+    small = ramp[:, :, :window]
+    segmenter._first_pass(small, isotropic, task, lambda fraction, message: None, None, coarse=True)
+    assert seen == [small.shape]  # a region that fits one window is seen as it is
 
 
 def test_caches_forget_the_least_recently_used_entry():

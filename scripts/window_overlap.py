@@ -15,7 +15,10 @@ network finds little in the phantom without a registration, so its masks are uns
 with `--manifest`, the whole brain MR of `../shared/data` is segmented instead, for its four cerebral
 white matter and cortex labels (training tasks; 130-180 voxels long, so their search regions span 2-3
 windows a side), from a task of its own slice boxes registered onto itself (the Dice is the engine's
-best case; what matters is how it moves with the overlap). Writes window_overlap.json and
+best case; what matters is how it moves with the overlap). Since whole volumes take a coarse first pass
+(a search region larger than one window is seen as one window, `Segmenter._first_pass`), the overlap no
+longer changes that pass in `--manifest` mode, and its seconds include the second pass from the volume's
+own slice boxes; reports/window-overlap-brain was made before. Writes window_overlap.json and
 window_overlap.md to `--out`.
 """
 

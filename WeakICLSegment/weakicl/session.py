@@ -29,7 +29,8 @@ from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_exten
 from .geodesic import BACKGROUND_GAP_MM, GEODESIC_WEIGHT, HULL_GAPS, ellipsoid_element, geodesic_margin, seed_labels
 from .preprocess import (WorkingGrid, bounding_box, linear_resample, normalize_intensity, pad_to_multiple, roi_around,
                          roi_from_bounds)
-from .prompts import MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, rasterize
+from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, THIN_BOX_VOXELS, Box, Point, PromptSet, foreground_prior,
+                      rasterize)
 from .registration import AtlasItem, atlas_prior
 from .simulation import FULL_CONNECTIVITY, slice_boxes
 from .volume import Geometry, Volume, volume_digest
@@ -59,10 +60,10 @@ HULL_EXTENSION_GAPS = 0.6
 # HD95 4.1 -> 4.4 / 4.0 / 3.7 / 3.6 mm); None: the first pass stands
 OWN_BOX_LEVEL: float | None = 0.8
 # ... and kept where its mask agrees with the first pass's at least this much (Dice). Chosen on training tasks
-# (`python scripts/own_boxes.py`, reports/own-boxes): the tuning hippocampi agree at 0.82-0.90 and gain; with the other
-# modality as context (abdominal CT <-> MR, 20 trials) the summed Dice change is -0.67 kept everywhere and
-# +0.08 / +0.15 / -0.01 at 0.75 / 0.7 / 0.8; the brain MR's cerebral cortex, a sheet that boxes fit badly,
-# agrees at 0.72-0.74 and lost 0.15 each where kept
+# (`python scripts/own_boxes.py`, reports/own-boxes): the tuning hippocampi agree at 0.82-0.90 and gain
+# (0.739 -> 0.777); with the other modality as context (abdominal CT <-> MR) cross-weak 0.284 -> 0.301 and
+# cross-dense 0.345 -> 0.346 at 0.75, 0.283 and 0.316 if kept everywhere; the brain MR's cerebral cortex,
+# a sheet that boxes fit badly, agrees at 0.74 and loses 0.13-0.16 where kept (brain 0.503 -> 0.455 at 0.7)
 OWN_BOX_AGREEMENT = 0.75
 
 
@@ -327,7 +328,11 @@ class Segmenter:
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         everywhere = (slice(None),) + roi
-        probabilities[everywhere] = self._first_pass(image[roi], task, progress, None if priors is None else priors[everywhere],
+        refine = OWN_BOX_LEVEL is not None and not network_only
+        first_progress = _within(progress, 0.0, 0.5) if refine else progress
+        spacing_kji = np.asarray(grid.working_spacing_ijk, dtype=float)[::-1]
+        probabilities[everywhere] = self._first_pass(image[roi], spacing_kji, task, first_progress,
+                                                     None if priors is None else priors[everywhere],
                                                      coarse=priors is not None and not network_only)
         if priors is not None and not network_only:
             for values, prior in zip(probabilities, priors):
@@ -337,24 +342,29 @@ class Segmenter:
         changed = tuple(slice(int(math.floor(s.start / f)), min(int(math.ceil(s.stop / f)), n))
                         for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
         original = original.astype(np.float32, copy=False)
-        if OWN_BOX_LEVEL is not None and not network_only:
-            changed = self._propagate_own_boxes(target, prepared, task, original, changed, progress)
+        if refine:
+            changed = self._propagate_own_boxes(target, prepared, task, original, changed, _within(progress, 0.5, 1.0))
         return Prediction(original, list(task.names), changed)
 
-    def _first_pass(self, image: np.ndarray, task: TaskEmbedding, progress: ProgressCallback, priors: np.ndarray | None,
-                    coarse: bool) -> np.ndarray:
-        """Class probabilities over a whole volume's search region. `coarse`: a region larger than one
-        window is seen whole at a coarser scale, as one window, and the result interpolated back, since
-        the own-box propagation that follows fits the outline at the structure's own scale
-        (coarse-to-fine; a large organ in 6 windows of 96³ took 8 s on 2 CPU cores)."""
+    def _first_pass(self, image: np.ndarray, spacing_kji: np.ndarray, task: TaskEmbedding, progress: ProgressCallback,
+                    priors: np.ndarray | None, coarse: bool) -> np.ndarray:
+        """Class probabilities over a whole volume's search region (`spacing_kji` its voxel size in mm).
+        `coarse`: a region larger than one window is seen whole at a coarser scale, as one window, and
+        the result interpolated back, since the own-box propagation that follows fits the outline at the
+        structure's own scale (coarse-to-fine; a large organ in 6 windows of 96³ took 8 s on 2 CPU cores).
+        Its voxels are made as near isotropic as the working grid allows: an axis is never made finer,
+        and a thick-slice axis that fits is not made coarser."""
         window = np.array([WINDOW_PATCHES * p for p in self.config.patch_size], dtype=float)
-        step = max(1.0, float(np.max((np.array(image.shape) - 1) / (window - 1)))) if coarse else 1.0
-        if step == 1.0:
+        extent_mm = (np.array(image.shape) - 1) * spacing_kji
+        voxel_mm = float(np.max(extent_mm / (window - 1)))
+        steps = np.maximum(voxel_mm / spacing_kji, 1.0) if coarse else np.ones(3)
+        if np.all(steps == 1.0):
             return self._sliding_window(image, None, task, progress, priors)
-        shape = tuple(int(math.ceil((n - 1) / step - 1e-6)) + 1 for n in image.shape)
-        small = self._sliding_window(linear_resample(image, (0.0,) * 3, (step,) * 3, shape), None, task, progress,
-                                     None if priors is None else linear_resample(priors, (0.0,) * 3, (step,) * 3, shape))
-        return linear_resample(small, (0.0,) * 3, (1.0 / step,) * 3, image.shape)
+        shape = tuple(int(math.ceil((n - 1) / step - 1e-6)) + 1 for n, step in zip(image.shape, steps))
+        steps = np.array([(n - 1) / (m - 1) if m > 1 else 1.0 for n, m in zip(image.shape, shape)])  # both ends on voxels
+        small = self._sliding_window(linear_resample(image, (0.0,) * 3, steps, shape), None, task, progress,
+                                     None if priors is None else linear_resample(priors, (0.0,) * 3, steps, shape))
+        return linear_resample(small, (0.0,) * 3, 1.0 / steps, image.shape)
 
     def _propagate_own_boxes(self, target: Volume, prepared: Prepared, task: TaskEmbedding, probabilities: np.ndarray,
                              changed: tuple[slice, slice, slice], progress: ProgressCallback) -> tuple[slice, slice, slice]:
@@ -372,8 +382,9 @@ class Segmenter:
                 continue
             single = TaskEmbedding(task.tokens[index:index + 1], [task.names[index]])
             step = f"fitting {task.names[index]} to its own slice boxes: "
+            share = _within(progress, index / len(probabilities), (index + 1) / len(probabilities))
             second = self._segment_framed(target, prepared, single, boxes, None, None,
-                                          lambda fraction, message: progress(fraction, step + message), False)
+                                          lambda fraction, message: share(fraction, step + message), False)
             first, refined = values >= 0.5, second.probabilities[0] >= 0.5
             agreement = 2.0 * np.count_nonzero(first & refined) / max(np.count_nonzero(first) + np.count_nonzero(refined), 1)
             if agreement < OWN_BOX_AGREEMENT:
@@ -383,6 +394,7 @@ class Segmenter:
             values[...] = 0.0  # beyond the boxes' frame
             values[region] = averaged
             regions.append(region)
+        progress(1.0, "fitted to the volume's own slice boxes")
         return tuple(slice(min(r[axis].start for r in regions), max(r[axis].stop for r in regions)) for axis in range(3))
 
     def _segment_framed(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet | None,
@@ -600,21 +612,27 @@ def _host(sampled) -> np.ndarray:
 
 def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     """Boxes as the evaluation's protocol draws them (25/50/75 % of the extent) around the largest
-    component of `sure` [K, J, I], on slices across its coarsest axis (a thick-slice scan's own slices),
-    each at least a voxel wide in its slice (a valid box); None when `sure` is empty."""
+    component of `sure` [K, J, I], on slices across its coarsest axis (a thick-slice scan's own slices;
+    a single-slice image's only axis of one voxel), each at least THIN_BOX_VOXELS wide in its slice, so
+    that it is a slice box; None when `sure` is empty or the image has fewer than two axes to draw in."""
+    sizes_kji = np.array(sure.shape)
+    if np.count_nonzero(sizes_kji > 1) < 2:
+        return None
     components, count = ndimage.label(sure, FULL_CONNECTIVITY)
     if count == 0:
         return None
     largest = components == 1 + int(np.argmax(ndimage.sum_labels(sure, components, range(1, count + 1))))
-    axis_kji = int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
-    size_ijk = sure.shape[::-1]
+    single = np.flatnonzero(sizes_kji == 1)
+    axis_kji = int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
+    size_ijk = sizes_kji[::-1]
     boxes = []
     for box in slice_boxes(largest, axis=axis_kji).boxes:
         lo, hi = np.array(box.lo_ijk), np.array(box.hi_ijk)
         for axis in range(3):
-            if axis != 2 - axis_kji and hi[axis] - lo[axis] < 1.0 and size_ijk[axis] > 1:
-                lo[axis] = min(max(lo[axis] - 0.5, 0.0), size_ijk[axis] - 2.0)
-                hi[axis] = lo[axis] + 1.0
+            if axis != 2 - axis_kji and hi[axis] - lo[axis] < THIN_BOX_VOXELS:
+                width = min(THIN_BOX_VOXELS, size_ijk[axis] - 1.0)
+                lo[axis] = min(max((lo[axis] + hi[axis] - width) / 2, 0.0), size_ijk[axis] - 1.0 - width)
+                hi[axis] = lo[axis] + width
         boxes.append(Box(tuple(lo), tuple(hi)))
     return PromptSet(boxes=boxes)
 
@@ -673,6 +691,11 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
 
 def _silent(fraction: float, message: str) -> None:
     """The progress callback of calls that were given none."""
+
+
+def _within(progress: ProgressCallback, start: float, stop: float) -> ProgressCallback:
+    """`progress` for one step of a call: its fractions mapped onto [start, stop] of the whole."""
+    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
 
 
 def _window_tiling(size: int, window: int) -> tuple[int, float]:
