@@ -29,7 +29,7 @@ from weakicl.evaluation.manifest import read_manifest, select_structures, struct
 from weakicl.evaluation.metrics import dice
 from weakicl.evaluation.protocols import NotApplicable, Settings, build_trial
 from weakicl.provenance import portable_command
-from weakicl.session import Segmenter, TaskEmbedding, own_slice_boxes
+from weakicl.session import Segmenter, TaskEmbedding, mean_in_frame, own_slice_boxes, pass_agreement
 from window_overlap import brain_task
 
 THRESHOLDS = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 1.01)
@@ -48,11 +48,10 @@ def trial_row(segmenter: Segmenter, group: str, name: str, target, task: TaskEmb
     if boxes is None:
         return {**row, "second": None, "mean": None, "agreement": None}
     second = segmenter.segment(target, TaskEmbedding(task.tokens, task.names), boxes)
-    combined = np.zeros_like(first)
-    region = second.changed_kji
-    combined[region] = 0.5 * (first[region] + second.probabilities[0][region])
+    combined = first.copy()
+    mean_in_frame(combined, second.probabilities[0], second.changed_kji)
     return {**row, "second": dice(second.masks[0], truth), "mean": dice(combined >= 0.5, truth),
-            "agreement": dice(second.masks[0], first >= 0.5)}
+            "agreement": pass_agreement(first, second.probabilities[0])}
 
 
 def cross_trials(segmenter: Segmenter, pool, settings: Settings, group: str):

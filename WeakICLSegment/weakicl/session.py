@@ -323,8 +323,7 @@ class Segmenter:
             priors = np.stack([atlas_prior(items, image, working, key, progress, self._transforms) for items in task.atlases])
             # the aligned context says where to look in a volume larger than one window (a tighter crop
             # than one window costs Dice: 0.720 -> 0.704 on 50 validation hippocampi, cross-weak k=1)
-            window = [WINDOW_PATCHES * p for p in self.config.patch_size]
-            roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, PRIOR_MARGIN_FRACTION, ROI_MARGIN_VOXELS, window)
+            roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, PRIOR_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self._window)
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         everywhere = (slice(None),) + roi
@@ -346,6 +345,11 @@ class Segmenter:
             changed = self._propagate_own_boxes(target, prepared, task, original, changed, _within(progress, 0.5, 1.0))
         return Prediction(original, list(task.names), changed)
 
+    @property
+    def _window(self) -> tuple[int, int, int]:
+        """The largest inference window, WINDOW_PATCHES training patches a side."""
+        return tuple(WINDOW_PATCHES * p for p in self.config.patch_size)
+
     def _first_pass(self, image: np.ndarray, spacing_kji: np.ndarray, task: TaskEmbedding, progress: ProgressCallback,
                     priors: np.ndarray | None, coarse: bool) -> np.ndarray:
         """Class probabilities over a whole volume's search region (`spacing_kji` its voxel size in mm).
@@ -354,7 +358,7 @@ class Segmenter:
         structure's own scale (coarse-to-fine; a large organ in 6 windows of 96³ took 8 s on 2 CPU cores).
         Its voxels are made as near isotropic as the working grid allows: an axis is never made finer,
         and a thick-slice axis that fits is not made coarser."""
-        window = np.array([WINDOW_PATCHES * p for p in self.config.patch_size], dtype=float)
+        window = np.array(self._window, dtype=float)
         extent_mm = (np.array(image.shape) - 1) * spacing_kji
         voxel_mm = float(np.max(extent_mm / (window - 1)))
         steps = np.maximum(voxel_mm / spacing_kji, 1.0) if coarse else np.ones(3)
@@ -385,15 +389,10 @@ class Segmenter:
             share = _within(progress, index / len(probabilities), (index + 1) / len(probabilities))
             second = self._segment_framed(target, prepared, single, boxes, None, None,
                                           lambda fraction, message: share(fraction, step + message), False)
-            first, refined = values >= 0.5, second.probabilities[0] >= 0.5
-            agreement = 2.0 * np.count_nonzero(first & refined) / max(np.count_nonzero(first) + np.count_nonzero(refined), 1)
-            if agreement < OWN_BOX_AGREEMENT:
+            if pass_agreement(values, second.probabilities[0]) < OWN_BOX_AGREEMENT:
                 continue  # the first pass was not a picture to draw boxes from (e.g. a failed registration)
-            region = second.changed_kji
-            averaged = 0.5 * (values[region] + second.probabilities[0][region])
-            values[...] = 0.0  # beyond the boxes' frame
-            values[region] = averaged
-            regions.append(region)
+            mean_in_frame(values, second.probabilities[0], second.changed_kji)
+            regions.append(second.changed_kji)
         progress(1.0, "fitted to the volume's own slice boxes")
         return tuple(slice(min(r[axis].start for r in regions), max(r[axis].stop for r in regions)) for axis in range(3))
 
@@ -543,7 +542,7 @@ class Segmenter:
         prompted = channels is not None
         tokens = task.tokens.to(self.device)
         # One window sees the whole region when it fits: cut structures and prompts lose context.
-        patch = tuple(min(n, WINDOW_PATCHES * p) for n, p in zip(padded_image.shape, self.config.patch_size))
+        patch = tuple(min(n, w) for n, w in zip(padded_image.shape, self._window))
         tiling = [_window_tiling(n, p) for n, p in zip(padded_image.shape, patch)]
         windows = math.prod(count for count, _ in tiling)
         batch = self.window_batch if self.window_batch else self._fitting_window_batch(patch, classes)
@@ -618,10 +617,13 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     sizes_kji = np.array(sure.shape)
     if np.count_nonzero(sizes_kji > 1) < 2:
         return None
-    components, count = ndimage.label(sure, FULL_CONNECTIVITY)
-    if count == 0:
+    bounds = bounding_box(sure)
+    if bounds is None:
         return None
-    largest = components == 1 + int(np.argmax(ndimage.sum_labels(sure, components, range(1, count + 1))))
+    crop = tuple(slice(lo, hi + 1) for lo, hi in zip(*bounds))  # labelled there only: not the whole volume
+    components, count = ndimage.label(sure[crop], FULL_CONNECTIVITY)
+    largest = np.zeros(sure.shape, dtype=bool)
+    largest[crop] = components == 1 + int(np.argmax(ndimage.sum_labels(sure[crop], components, range(1, count + 1))))
     single = np.flatnonzero(sizes_kji == 1)
     axis_kji = int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
     size_ijk = sizes_kji[::-1]
@@ -635,6 +637,19 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
                 hi[axis] = lo[axis] + width
         boxes.append(Box(tuple(lo), tuple(hi)))
     return PromptSet(boxes=boxes)
+
+
+def pass_agreement(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice of two passes' masks (probabilities >= 0.5): whether the second pass confirms the first."""
+    first_mask, second_mask = first >= 0.5, second >= 0.5
+    return 2.0 * np.count_nonzero(first_mask & second_mask) / max(np.count_nonzero(first_mask) + np.count_nonzero(second_mask), 1)
+
+
+def mean_in_frame(values: np.ndarray, second: np.ndarray, region: tuple[slice, slice, slice]) -> None:
+    """In place: `values` becomes the mean of both passes inside the second pass's `region`, 0 beyond it."""
+    averaged = 0.5 * (values[region] + second[region])
+    values[...] = 0.0
+    values[region] = averaged
 
 
 def _resampled_mask(resampled: np.ndarray) -> np.ndarray:
