@@ -8,7 +8,7 @@ from weakicl.prompts import Box, PromptSet
 
 
 def test_slice_box_labels_its_centre_as_structure_and_its_surroundings_as_background():
-    labels = appearance_labels(PromptSet([Box((10, 20, 5), (29, 29, 5))]), (12, 50, 50))
+    labels = appearance_labels(PromptSet([Box((10, 20, 5), (29, 29, 5))]), np.zeros((12, 50, 50)))
     sheet = labels[5]
     assert np.all(labels[[0, 4, 6, 11]] == -1)  # only the annotated slice says anything
     assert np.all(sheet[23:27, 15:25] == 1)  # central half: j 22.75-26.25, i 14.75-24.25
@@ -18,9 +18,24 @@ def test_slice_box_labels_its_centre_as_structure_and_its_surroundings_as_backgr
     assert sheet[20, 45] == -1 and sheet[40, 20] == -1  # farther than half the box size: unknown
 
 
+def test_central_voxels_that_look_like_the_surroundings_are_not_taken_as_structure():
+    """A crescent in its tight box: the box's centre holds the tissue around it, not the structure."""
+    j, i = np.ogrid[:60, :60]
+    ring = ((j - 30) ** 2 + (i - 30) ** 2 <= 15**2) & ((j - 30) ** 2 + (i - 36) ** 2 > 12**2)  # a crescent open to +i
+    image = np.zeros((3, 60, 60), np.float32)
+    image[:] = np.where(ring, 1.0, 0.0) + 0.01 * (i % 3)
+    labels = appearance_labels(PromptSet([Box((15, 15, 1), (45, 45, 1))]), image)
+    core = np.zeros((60, 60), bool)
+    core[23:38, 23:38] = True  # the box's central half
+    assert np.all(labels[1][core & ring] == 1)
+    assert np.all(labels[1][core & ~ring] == -1)  # the surroundings' look: left for the image to decide
+    flat = appearance_labels(PromptSet([Box((15, 15, 1), (45, 45, 1))]), np.zeros_like(image))
+    assert np.all(flat[1][core] == 1)  # nothing tells them apart: the whole centre stands
+
+
 def test_3d_boxes_and_boxes_off_the_frame_label_nothing():
-    assert np.all(appearance_labels(PromptSet([Box((2, 2, 2), (8, 8, 8))]), (12, 12, 12)) == -1)
-    assert np.all(appearance_labels(PromptSet([Box((2, 2, 40), (8, 8, 40))]), (12, 12, 12)) == -1)
+    assert np.all(appearance_labels(PromptSet([Box((2, 2, 2), (8, 8, 8))]), np.zeros((12, 12, 12))) == -1)
+    assert np.all(appearance_labels(PromptSet([Box((2, 2, 40), (8, 8, 40))]), np.zeros((12, 12, 12))) == -1)
 
 
 def test_the_probe_learns_the_structure_s_look_from_one_annotated_slice():
@@ -31,7 +46,7 @@ def test_the_probe_learns_the_structure_s_look_from_one_annotated_slice():
     k, j, i = np.ogrid[:32, :32, :32]
     bright = ((k - 16) ** 2 + (j - 16) ** 2 + (i - 16) ** 2) < 8**2
     image = torch.from_numpy((bright + 0.2 * rng.standard_normal(bright.shape)).astype(np.float32))[None, None]
-    labels = appearance_labels(PromptSet([Box((8, 8, 16), (24, 24, 16))]), bright.shape)
+    labels = appearance_labels(PromptSet([Box((8, 8, 16), (24, 24, 16))]), image[0, 0].numpy())
     logits = appearance_logits([F.avg_pool3d(image, 2)], image, labels)
     assert logits.shape == bright.shape
     unlabelled = labels < 0
@@ -51,7 +66,7 @@ def test_no_probe_without_both_structure_and_background_labels():
 def test_clicks_label_their_neighbourhood_on_their_side():
     from weakicl.prompts import Point
 
-    labels = appearance_labels(PromptSet(points=[Point((5, 5, 5), True), Point((12, 12, 12), False)]), (20, 20, 20))
+    labels = appearance_labels(PromptSet(points=[Point((5, 5, 5), True), Point((12, 12, 12), False)]), np.zeros((20, 20, 20)))
     assert np.all(labels[4:7, 4:7, 4:7] == 1) and np.all(labels[11:14, 11:14, 11:14] == 0)
     assert (labels >= 0).sum() == 2 * 27
 

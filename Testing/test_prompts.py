@@ -143,14 +143,27 @@ def test_box_hull_interpolates_between_annotated_slices():
 
 
 def test_box_hull_goes_on_past_the_outermost_boxes_by_a_fraction_of_their_gap():
-    boxes = [Box((10, 10, 10), (12, 12, 10)), Box((6, 6, 20), (16, 16, 20)), Box((8, 8, 30), (14, 14, 30))]
-    plain = box_hull(boxes, (45, 30, 30))
-    extended = box_hull(boxes, (45, 30, 30), extension_gaps=0.6)
-    assert np.flatnonzero(plain.any(axis=(1, 2))).tolist() == list(range(10, 31))
+    boxes = [Box((10, 10, 15), (12, 12, 15)), Box((6, 6, 25), (16, 16, 25)), Box((8, 8, 35), (14, 14, 35))]
+    plain = box_hull(boxes, (52, 30, 30))
+    extended = box_hull(boxes, (52, 30, 30), extension_gaps=0.6)
+    assert np.flatnonzero(plain.any(axis=(1, 2))).tolist() == list(range(15, 36))
     # gap 10 slices: 6 more slices each way, each a copy of the outermost box
-    assert np.flatnonzero(extended.any(axis=(1, 2))).tolist() == list(range(4, 37))
-    assert np.array_equal(extended[4], plain[10]) and np.array_equal(extended[36], plain[30])
-    assert np.array_equal(extended[10:31], plain[10:31])
+    assert np.flatnonzero(extended.any(axis=(1, 2))).tolist() == list(range(9, 42))
+    assert np.array_equal(extended[9], plain[15]) and np.array_equal(extended[41], plain[35])
+    assert np.array_equal(extended[15:36], plain[15:36])
+
+
+def test_box_hull_goes_on_to_an_image_edge_within_a_gap_of_the_outermost_boxes():
+    """A spinal cord or an aorta running out of the image: the boxes at 25/50/75 % of its extent lie one
+    gap (and a slice of rounding) from the edge, and the structure goes on to it."""
+    boxes = [Box((10, 10, 5), (12, 12, 5)), Box((10, 10, 9), (12, 12, 9)), Box((10, 10, 14), (12, 12, 14))]
+    hull = box_hull(boxes, (20, 30, 30), extension_gaps=0.6)
+    assert np.flatnonzero(hull.any(axis=(1, 2))).tolist() == list(range(0, 20))  # gap 4.5; 5 slices to each edge
+    inside = box_hull(boxes, (26, 30, 30), extension_gaps=0.6)  # 11 slices to the upper edge: 0.6 gap there
+    assert np.flatnonzero(inside.any(axis=(1, 2))).tolist() == list(range(0, 18))
+    # the same boxes on a frame that made each slice of the image 3 voxels: 1.5 slices apart, too close to tell
+    thick = box_hull(boxes, (20, 30, 30), extension_gaps=0.6, slices_per_voxel_ijk=(1.0, 1.0, 1 / 3))
+    assert np.flatnonzero(thick.any(axis=(1, 2))).tolist() == list(range(2, 18))
 
 
 def test_a_lone_slice_box_or_a_3d_box_is_not_extended():

@@ -517,3 +517,22 @@ def test_no_prompts_decode_like_empty_prompt_channels(tiny_model):
         tokens = tiny_model.encode_task(features, torch.rand(2, len(PROMPT_CHANNELS), 32, 32, 32))
         zeros = tiny_model.decode(features, tokens, torch.zeros(2, len(PROMPT_CHANNELS), 32, 32, 32))
         torch.testing.assert_close(tiny_model.decode(features, tokens, None), zeros)
+
+
+def test_hull_and_mask_go_on_past_the_image_edge_boxes_and_points_do_not():
+    from weakicl.prompts import PROMPT_CHANNELS
+    from weakicl.session import padded_prompts
+
+    channels = np.zeros((len(PROMPT_CHANNELS), 20, 24, 24), np.float32)
+    channels[:, :, 10:14, 10:14] = 1.0  # every channel reaches both ends of the K axis (a cut tube)
+    padded = padded_prompts(channels, 8, 32)
+    assert padded.shape == (len(PROMPT_CHANNELS), 32, 32, 32)
+    recover = (slice(6, 26), slice(4, 28), slice(4, 28))
+    for index, name in enumerate(PROMPT_CHANNELS):
+        assert np.array_equal(padded[index][recover], channels[index])
+        beyond = padded[index][:6, 14:18, 14:18]  # the K padding, where the tube ran
+        if name in ("box_hull", "mask"):
+            assert np.all(beyond == 1.0)
+        else:
+            assert np.all(beyond == 0.0)
+    assert np.all(padded[:, :, :4] == 0.0)  # nothing reached the J edge: nothing goes on there

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakicl import adaptation, session
+from weakicl import adaptation, prompts, session
 from weakicl.evaluation.manifest import load_case, read_manifest, select_structures, structure_mask, tuning_structures
 from weakicl.evaluation.metrics import dice
 from weakicl.evaluation.protocols import Settings, structure_rng, target_prompts
@@ -58,7 +58,8 @@ def _unchanged():
 
 
 VARIANTS = {  # name: (module constant patched, frame settings changed, what it is)
-    "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes, appearance probe 0.5, "
+    "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes (to the image edge "
+               "within a gap, and on past it), box centres' seeds of a typical intensity only, appearance probe 0.5, "
                "geodesic seed competition 12, components off the prompts dropped"),
     "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), {}, "without the test-time appearance probe"),
     "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), {}, "appearance probe at weight 1"),
@@ -74,6 +75,14 @@ VARIANTS = {  # name: (module constant patched, frame settings changed, what it 
     "core-0.4": (_patched(adaptation, "CORE_FRACTION", 0.4), {}, "the central 40 % of a slice box as structure seeds"),
     "core-0.65": (_patched(adaptation, "CORE_FRACTION", 0.65), {}, "the central 65 % of a slice box as structure seeds"),
     "hull-extended-1-gap": (_patched(session, "HULL_EXTENSION_GAPS", 1.0), {}, "box hull a whole gap past the outer boxes"),
+    "hull-not-to-edge": (_patched(prompts, "EDGE_REACH_GAPS", -1.0), {}, "box hull not carried on to an image edge within a gap"),
+    "hull-ends-at-edge": (_patched(session, "CONTINUING_CHANNELS", []), {}, "prompt channels padded with zeros past the image edge"),
+    "edge-reach-any-gap": (_patched(prompts, "MIN_EDGE_REACH_GAP", 0.0), {}, "box hull on to an image edge within a gap, however few slices the gap"),
+    "whole-box-centre": (_patched(adaptation, "CORE_TYPICALITY", None), {},
+                         "the whole central half of each slice box as structure seeds, whatever its intensity"),
+    "core-typicality-0.4": (_patched(adaptation, "CORE_TYPICALITY", 0.4), {}, "box centres' seeds where an intensity's inside share is at least 0.4 (the engine: 0.6)"),
+    "core-typicality-0.5": (_patched(adaptation, "CORE_TYPICALITY", 0.5), {}, "box centres' seeds where an intensity's inside share is at least 0.5"),
+    "core-typicality-0.7": (_patched(adaptation, "CORE_TYPICALITY", 0.7), {}, "box centres' seeds where an intensity's inside share is at least 0.7"),
     "anisotropy-1.5": (_unchanged(), {"max_anisotropy": 1.5}, "thick slices interpolated to 1.5x the pixel size"),
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
     "anisotropy-3": (_unchanged(), {"max_anisotropy": 3.0}, "thick slices interpolated to 3x the pixel size"),
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--validation", type=int, default=30, help="validation structures (the first N; default 30)")
     parser.add_argument("--variants", nargs="+", default=["engine", "no-geodesic", "no-appearance-probe", "appearance-probe-1", "hull-not-extended",
-                                                          "hull-extended-1-gap", "components-kept", "token-tuning"],
+                                                          "hull-extended-1-gap", "hull-not-to-edge", "hull-ends-at-edge", "whole-box-centre", "components-kept", "token-tuning"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--tuning", action="store_true", help="the tuning structures (training tasks) instead of validation and unseen")
     parser.add_argument("--weights", default=None)

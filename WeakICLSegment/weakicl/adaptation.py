@@ -3,8 +3,8 @@ what the target's slice boxes say for sure, added to the network's logits.
 
 Why: on anatomy it was never trained on, the network fills its boxes (precision 0.68 on the annotated
 slices of 18 unseen structures, where the structures fill 62 % of their boxes). The boxes themselves
-say which voxels look like the structure (their central half, GrowCut's foreground seeds) and which
-do not (just outside them); a probe fitted to those voxels on features of the image alone (no prompt
+say which voxels look like the structure (their central half, GrowCut's foreground seeds, less what
+has the look of their surroundings) and which do not (just outside them); a probe fitted to those voxels on features of the image alone (no prompt
 channel, so it cannot learn "inside the box") decides the rest of each box by appearance.
 Measured with the shipped weights (`scripts/ablations.py`): unseen structures +0.02, hippocampus +0.003.
 """
@@ -24,18 +24,27 @@ APPEARANCE_WEIGHT = 0.5  # of the probe's logit added to the network's (1.0 brok
 APPEARANCE_LIMIT = 1.5  # the most the probe moves a logit: where the network is sure, it stands (unbounded,
 # far look-alikes became stray components: unseen HD95 18.4 mm against 11.3 mm, Dice 0.725 against 0.724)
 CORE_FRACTION = 0.5  # central part of a slice box taken as the structure, as GrowCut's seeds
+CORE_TYPICALITY: float | None = 0.6  # an intensity's share p_inside / (p_inside + p_around) of the slice boxes
+# below which a central voxel is left unknown (None: the whole central half is structure); chosen among 0.4-0.7
+# on training tasks (reports/tuning-typicality)
+MIN_CORE_KEPT = 0.1  # each box keeps at least this share of its central voxels, its most typical
+TYPICALITY_BINS = 32
 OUTSIDE_BAND = 0.5  # background samples within this fraction of the box size around it
 FEATURE_LEVELS = 3  # encoder levels whose features the probe reads (finest first)
 L2_PENALTY = 1e-2
 PROBE_ITERATIONS = 100
 
 
-def appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, int]) -> np.ndarray:
-    """int8 labels in frame voxels (KJI): 1 the central part of each slice box, 0 just outside it (one
-    voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3 voxels of each
-    point prompt its side, -1 unknown. `frame_prompts`
-    are in frame IJK (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
+def appearance_labels(frame_prompts: PromptSet, image: np.ndarray) -> np.ndarray:
+    """int8 labels in frame voxels (KJI) of `image`: 1 the central part of each slice box, 0 just
+    outside it (one voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3
+    voxels of each point prompt its side, -1 unknown. Central voxels whose intensity is more typical of
+    the boxes' surroundings than of their inside stay unknown (`_inside_share`): a box's centre is
+    not always the structure (a crescent, a ring, fat between organs). `frame_prompts` are in frame IJK
+    (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
+    shape_kji = image.shape
     labels = np.full(shape_kji, -1, dtype=np.int8)
+    cores, insides, bands = [], [], []
     for box in frame_prompts.boxes:
         lo, hi = np.asarray(box.lo_ijk, dtype=float)[::-1], np.asarray(box.hi_ijk, dtype=float)[::-1]
         thin = [axis for axis in range(3) if hi[axis] - lo[axis] < 1.0]
@@ -51,16 +60,50 @@ def appearance_labels(frame_prompts: PromptSet, shape_kji: tuple[int, int, int])
         sheet = labels[tuple(index)]
         low, high = lo[plane], hi[plane]
         size = high - low + 1.0
-        band = _rectangle(sheet.shape, low - OUTSIDE_BAND * size, high + OUTSIDE_BAND * size)
-        sheet[band & ~_rectangle(sheet.shape, low - 1.0, high + 1.0) & (sheet != 1)] = 0
+        inside = _rectangle(sheet.shape, low - 1.0, high + 1.0)
+        band = _rectangle(sheet.shape, low - OUTSIDE_BAND * size, high + OUTSIDE_BAND * size) & ~inside
+        sheet[band & (sheet != 1)] = 0
         centre, half = (low + high) / 2, (high - low) * CORE_FRACTION / 2
-        sheet[_rectangle(sheet.shape, centre - half, centre + half)] = 1
+        core = _rectangle(sheet.shape, centre - half, centre + half)
+        sheet[core] = 1
+        values = image[tuple(index)]
+        cores.append((tuple(index), core, values[core]))
+        insides.append(values[_rectangle(sheet.shape, low, high)])
+        bands.append(values[band])
+    if cores and CORE_TYPICALITY is not None:
+        share = _inside_share(insides, bands)
+        for index, core, values in cores:
+            if values.size:
+                score = share(values)
+                typical = score >= min(CORE_TYPICALITY, float(np.quantile(score, 1.0 - MIN_CORE_KEPT)))
+                labels[index][core] = np.where(typical, 1, -1)
     for point in frame_prompts.points:  # a click says for sure what its voxel and its neighbours are
         centre = np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
         lo, hi = np.maximum(centre - 1, 0), np.minimum(centre + 2, shape_kji)
         if np.all(hi > lo):
             labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
     return labels
+
+
+def _inside_share(insides: list[np.ndarray], bands: list[np.ndarray]):
+    """A function from intensities to how much more frequent each is inside the slice boxes than
+    around them, p_inside / (p_inside + p_around) in [0, 1] (histograms pooled over all slice boxes of the
+    structure, so one box's contents do not decide alone); 1 everywhere when nothing tells them apart."""
+    inside, band = np.concatenate(insides), np.concatenate(bands)
+    values = np.concatenate([inside, band])
+    low, high = np.percentile(values, [1, 99]) if values.size else (0.0, 0.0)
+    if inside.size == 0 or band.size == 0 or high <= low:
+        return lambda intensities: np.ones(np.shape(intensities))
+    edges = np.linspace(low, high, TYPICALITY_BINS + 1)
+
+    def density(samples: np.ndarray) -> np.ndarray:
+        counts = np.histogram(np.clip(samples, low, high), edges)[0].astype(float)
+        smoothed = np.convolve(counts, [0.25, 0.5, 0.25], mode="same")
+        return smoothed / max(smoothed.sum(), 1e-12)
+
+    share_inside = density(inside)
+    share = share_inside / (share_inside + density(band) + 1e-12)
+    return lambda intensities: share[np.clip(np.searchsorted(edges, intensities, side="right") - 1, 0, TYPICALITY_BINS - 1)]
 
 
 def _rectangle(shape: tuple[int, int], low: np.ndarray, high: np.ndarray) -> np.ndarray:

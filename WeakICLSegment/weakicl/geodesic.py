@@ -2,8 +2,8 @@
 change, as Slicer's GrowCut does, and the margin of that decision is added to the network's logits.
 
 Why: on anatomy it was never trained on, the network blurs borders that the image itself draws. From
-the seeds the slice boxes and clicks give (a box's central half is structure, just outside it and far
-outside the box hull is not), the competition follows those borders, and it is cheap (a Dijkstra search
+the seeds the slice boxes and clicks give (a box's central half is structure where its intensity is
+typical of the boxes, `adaptation.appearance_labels`; just outside it and far outside the box hull is not), the competition follows those borders, and it is cheap (a Dijkstra search
 on the frame's 6-neighbour graph, 0.05-0.5 s). The margin is a ratio of the two distances, so it does
 not shrink with contrast: where the image draws no border it splits the region by path length between
 the seeds, and the network decides only near the middle (measured, it still helps the hippocampus in T1:

@@ -21,6 +21,13 @@ PROMPT_CHANNELS = ("box", "box_hull", "positive", "negative", "mask")
 MASK_CHANNEL = PROMPT_CHANNELS.index("mask")
 POINT_RADIUS_MM = 4.0  # a point prompt is a soft sphere of this radius
 FOREGROUND_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "mask")]
+# an outermost slice box at most this many box gaps (and a slice: boxes lie on whole slices) from the image
+# edge: the structure runs out of the image there, and the hull goes on to the edge (a spinal cord, an
+# aorta; reports/ablations-0.6, `hull-not-to-edge`) ...
+EDGE_REACH_GAPS = 1.0
+MIN_EDGE_REACH_GAP = 2.0  # ... where the boxes lie at least this many slices apart: on 6 mm slices a hippocampus
+# spans 4-6 slices of a tight crop, and reaching its edge added a whole slice at an end
+# (reports/ablations-0.6-thick6, `edge-reach-any-gap`)
 THIN_BOX_VOXELS = 2.0  # a box thinner than this along an axis was drawn on one slice
 NEGATIVE_WORDS = ("neg", "background", "exclude")
 MIN_BOX_VOXELS = 1.0  # a box narrower than this along two axes is a line or a dot, not a box
@@ -238,13 +245,13 @@ def _says_negative(text: str) -> bool:
 
 
 def rasterize(prompts: PromptSet, geometry: Geometry, point_radius_mm: float = POINT_RADIUS_MM,
-              hull_extension_gaps: float = 0.0) -> np.ndarray:
+              hull_extension_gaps: float = 0.0, slices_per_voxel_ijk=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Prompt channels (see PROMPT_CHANNELS) as a float32 array (5, K, J, I); `hull_extension_gaps`
-    as in `box_hull`."""
+    and `slices_per_voxel_ijk` as in `box_hull`."""
     channels = np.zeros((len(PROMPT_CHANNELS),) + geometry.shape_kji, dtype=np.float32)
     for box in prompts.boxes:
         channels[0][_box_slices(box, geometry.shape_kji, thicken=True)] = 1.0
-    channels[1] = box_hull(prompts.boxes, geometry.shape_kji, hull_extension_gaps)
+    channels[1] = box_hull(prompts.boxes, geometry.shape_kji, hull_extension_gaps, slices_per_voxel_ijk)
     if prompts.oriented_boxes:
         from .slicebox import BOX_HALF_THICKNESS, oriented_hull, rasterize_oriented
 
@@ -269,14 +276,17 @@ def foreground_prior(channels: np.ndarray) -> np.ndarray:
     return np.asarray(channels)[FOREGROUND_CHANNELS].max(axis=0)
 
 
-def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: float = 0.0) -> np.ndarray:
+def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: float = 0.0,
+             slices_per_voxel_ijk=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Boxes drawn on slices of one axis, linearly interpolated between consecutive annotated slices.
 
     This is the "box interpolation" prior: what a user's slice boxes say about the slices in between.
     With `extension_gaps`, two or more parallel slice boxes also say that the structure goes on past
     the outermost ones (people annotate inside a structure, not its first and last slice): their boxes
-    are repeated outwards over that fraction of the mean gap between annotated slices.
-    3D boxes and lone slice boxes contribute themselves.
+    are repeated outwards over that fraction of the mean gap between annotated slices, and on to the
+    edge of the array where it lies within a gap (EDGE_REACH_GAPS; boxes at least MIN_EDGE_REACH_GAP
+    slices of the image apart, `slices_per_voxel_ijk` of them per array voxel along each axis: a frame
+    resamples them). 3D boxes and lone slice boxes contribute themselves.
     """
     hull = np.zeros(shape_kji, dtype=np.float32)
     by_axis: dict[int, list[Box]] = {}
@@ -293,7 +303,7 @@ def box_hull(boxes: list[Box], shape_kji: tuple[int, int, int], extension_gaps: 
         for first, second in zip(slice_boxes, slice_boxes[1:]):
             _fill_between(hull, first, second, axis)
         if extension_gaps > 0 and len(slice_boxes) > 1:
-            _extend_outwards(hull, slice_boxes, axis, extension_gaps)
+            _extend_outwards(hull, slice_boxes, axis, extension_gaps, float(slices_per_voxel_ijk[axis]))
     return hull
 
 
@@ -302,11 +312,16 @@ def _position(box: Box, axis: int) -> float:
     return (box.lo_ijk[axis] + box.hi_ijk[axis]) / 2
 
 
-def _extend_outwards(hull: np.ndarray, slice_boxes: list[Box], axis: int, gaps: float) -> None:
-    """Repeat the outermost of sorted parallel slice boxes `gaps` mean box gaps beyond them."""
+def _extend_outwards(hull: np.ndarray, slice_boxes: list[Box], axis: int, gaps: float, slices_per_voxel: float) -> None:
+    """Repeat the outermost of sorted parallel slice boxes `gaps` mean box gaps beyond them, or to the
+    array's edge (see `box_hull`)."""
     gap = (_position(slice_boxes[-1], axis) - _position(slice_boxes[0], axis)) / (len(slice_boxes) - 1)
-    reach = int(np.ceil(gaps * gap - 1e-6))
+    size = hull.shape[2 - axis]
     for box, direction in ((slice_boxes[0], -1), (slice_boxes[-1], 1)):
+        reach = int(np.ceil(gaps * gap - 1e-6))
+        to_edge = nearest_voxel(_position(box, axis)) if direction < 0 else size - 1 - nearest_voxel(_position(box, axis))
+        if gap * slices_per_voxel >= MIN_EDGE_REACH_GAP and to_edge <= EDGE_REACH_GAPS * gap + 1 / slices_per_voxel:
+            reach = max(reach, to_edge)
         for step in range(1, reach + 1):
             lo, hi = list(box.lo_ijk), list(box.hi_ijk)
             lo[axis] = hi[axis] = nearest_voxel(_position(box, axis)) + direction * step

@@ -53,8 +53,11 @@ CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCu
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 # the box hull goes on this fraction of a box gap past the outermost slice boxes (the structure does):
-# 18 unseen structures 0.680 -> 0.724 (a whole gap: 0.735, but the hippocampus lost 0.005; reports/ablations)
+# 18 unseen structures 0.680 -> 0.724 (a whole gap: 0.735, but the hippocampus lost 0.005; reports/ablations;
+# since, hippocampi on 6 mm slices lose more, reports/ablations-0.6-thick6). Where the image ends within a
+# gap, the hull goes on to its edge (`prompts.EDGE_REACH_GAPS`) and past it (`padded_prompts`)
 HULL_EXTENSION_GAPS = 0.6
+CONTINUING_CHANNELS = [PROMPT_CHANNELS.index(name) for name in ("box_hull", "mask")]  # see `padded_prompts`
 # whole volumes: slice boxes drawn around what the first pass holds at least this sure, then propagated
 # (cross-weak k=1, 20 tuning hippocampi: 0.739 -> 0.762 / 0.777 / 0.776 / 0.770 at 0.5 / 0.7 / 0.8 / 0.9,
 # HD95 4.1 -> 4.4 / 4.0 / 3.7 / 3.6 mm); None: the first pass stands
@@ -449,7 +452,7 @@ class Segmenter:
         clicks say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT, and GEODESIC_WEIGHT times
         the geodesic `margin` in the frame (`weakicl.geodesic`; None: none). `encoded` is the padded frame
         on the device and its encoder levels, as the sliding window left them."""
-        labels = appearance_labels(frame_prompts, image.shape)
+        labels = appearance_labels(frame_prompts, image)
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
         logits = np.log(clipped / (1.0 - clipped))
         if np.any(labels == 1) and np.any(labels == 0):
@@ -479,7 +482,7 @@ class Segmenter:
             undecided |= _host(frame.sample(previous, fill=0.0)) > 0.5  # sample converts only what the frame reaches
         radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
         undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
-        sure = appearance_labels(frame_prompts, image.shape)
+        sure = appearance_labels(frame_prompts, image)
         margin = geodesic_margin(image, seed_labels(sure, undecided), device)
         if margin is not None:  # beyond the hull the network decides: a lone or bunched box does not cap the structure
             margin[~undecided & (sure != 0)] = 0.0
@@ -512,7 +515,8 @@ class Segmenter:
         geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
         channels = np.zeros((len(PROMPT_CHANNELS),) + frame.shape_kji, dtype=np.float32)
         if prompts is not None:
-            channels = rasterize(frame.prompts_to_frame(prompts), geometry, hull_extension_gaps=HULL_EXTENSION_GAPS)
+            channels = rasterize(frame.prompts_to_frame(prompts), geometry, hull_extension_gaps=HULL_EXTENSION_GAPS,
+                                 slices_per_voxel_ijk=frame.step_kji[::-1])
         if mask is not None:
             channels[MASK_CHANNEL] = _resampled_mask(_host(frame.sample(mask, fill=0.0)))
         return channels
@@ -533,9 +537,10 @@ class Segmenter:
         classes = len(task.names)
         padded_image, recover = pad_to_multiple(image, self.config.downsampling, self.config.patch_size)
         blocks = [padded_image[None]]
-        for extra in (channels, priors):  # empty prompt channels are made per window, not per volume
-            if extra is not None:
-                blocks.append(pad_to_multiple(extra, self.config.downsampling, self.config.patch_size, mode="constant")[0])
+        if channels is not None:  # empty prompt channels are made per window, not per volume
+            blocks.append(padded_prompts(channels, self.config.downsampling, self.config.patch_size))
+        if priors is not None:
+            blocks.append(pad_to_multiple(priors, self.config.downsampling, self.config.patch_size, mode="constant")[0])
         inputs = self._tensor(np.concatenate(blocks)[None])
         if encoded is not None:
             encoded.append(inputs[:, :1])
@@ -602,6 +607,17 @@ class Segmenter:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+
+def padded_prompts(channels: np.ndarray, multiple: int, minimum_size) -> np.ndarray:
+    """Prompt channels (5, ...) padded as `pad_to_multiple` pads the image: the hull and the mask go on
+    past the edge of the image as they reach it (a structure cut by the field of view, a spinal cord or
+    an aorta, goes on; with zeros there the network ended it one box gap early: MR spinal cord 0.78, aorta
+    0.76), boxes and points do not."""
+    padded = pad_to_multiple(channels, multiple, minimum_size, mode="constant")[0]
+    for index in CONTINUING_CHANNELS:
+        padded[index] = pad_to_multiple(channels[index], multiple, minimum_size)[0]
+    return padded
 
 
 def _host(sampled) -> np.ndarray:
