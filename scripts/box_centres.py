@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases, document = read_manifest(args.manifest)
     structures = (tuning_structures(cases, document)
-                  + [s for s in select_structures(cases, document, "validation", False)][:args.validation]
+                  + select_structures(cases, document, "validation", False)[:args.validation]
                   + select_structures(cases, document, None, True))
     rows = []
     for number, structure in enumerate(structures, 1):

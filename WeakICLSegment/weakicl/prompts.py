@@ -316,15 +316,15 @@ def _extend_outwards(hull: np.ndarray, slice_boxes: list[Box], axis: int, gaps: 
     """Repeat the outermost of sorted parallel slice boxes `gaps` mean box gaps beyond them, or to the
     array's edge (see `box_hull`)."""
     gap = (_position(slice_boxes[-1], axis) - _position(slice_boxes[0], axis)) / (len(slice_boxes) - 1)
-    size = hull.shape[2 - axis]
+    past = int(np.ceil(gaps * gap - 1e-6))
+    may_reach_edge = gap * slices_per_voxel >= MIN_EDGE_REACH_GAP
     for box, direction in ((slice_boxes[0], -1), (slice_boxes[-1], 1)):
-        reach = int(np.ceil(gaps * gap - 1e-6))
-        to_edge = nearest_voxel(_position(box, axis)) if direction < 0 else size - 1 - nearest_voxel(_position(box, axis))
-        if gap * slices_per_voxel >= MIN_EDGE_REACH_GAP and to_edge <= EDGE_REACH_GAPS * gap + 1 / slices_per_voxel:
-            reach = max(reach, to_edge)
+        start = nearest_voxel(_position(box, axis))
+        to_edge = start if direction < 0 else hull.shape[2 - axis] - 1 - start
+        reach = max(past, to_edge) if may_reach_edge and to_edge <= EDGE_REACH_GAPS * gap + 1 / slices_per_voxel else past
         for step in range(1, reach + 1):
             lo, hi = list(box.lo_ijk), list(box.hi_ijk)
-            lo[axis] = hi[axis] = nearest_voxel(_position(box, axis)) + direction * step
+            lo[axis] = hi[axis] = start + direction * step
             hull[_box_slices(Box(tuple(lo), tuple(hi)), hull.shape, thicken=False)] = 1.0
 
 
