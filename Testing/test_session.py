@@ -372,13 +372,13 @@ def test_dropping_components_keeps_exactly_those_that_reach_the_support():
 
 
 def test_own_slice_boxes_are_the_protocols_boxes_of_the_largest_sure_component():
-    from weakicl.session import own_slice_boxes
+    from weakicl.session import OWN_BOX_FRACTIONS, own_slice_boxes
 
     sure = np.zeros((20, 16, 18), dtype=bool)
     sure[4:15, 3:9, 5:12] = True
     sure[17:19, 14:16, 0:2] = True  # a smaller component elsewhere draws no box
     boxes = own_slice_boxes(sure, (1.0, 1.0, 1.0))
-    assert boxes.boxes == slice_boxes(sure[:16]).boxes and len(boxes.boxes) == 3
+    assert boxes.boxes == slice_boxes(sure[:16], OWN_BOX_FRACTIONS).boxes and len(boxes.boxes) == 4  # a box more than users draw
     across_i = own_slice_boxes(sure, (3.0, 1.0, 1.0))  # thick along I: boxes on the scan's own (J, K) slices
     assert all(box.lo_ijk[0] == box.hi_ijk[0] for box in across_i.boxes)
     line = np.zeros((10, 10, 10), dtype=bool)
@@ -448,6 +448,41 @@ def test_a_whole_volume_is_propagated_again_from_boxes_around_its_sure_part(segm
     assert calls == []
 
 
+def test_the_own_box_pass_is_repeated_only_while_it_refines(segmenter, monkeypatch):
+    from weakicl import session
+    from weakicl.session import Prediction
+
+    geometry = Geometry.identity((32, 64, 64))
+    truth = ellipsoid(geometry.shape_kji, (16, 14, 14), (5, 5, 5))  # where the search region starts
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)], "a")
+    first = np.where(truth, 0.9, 0.0).astype(np.float32)[None]
+    monkeypatch.setattr(segmenter, "_first_pass", lambda image, spacing, task, progress, priors, coarse:
+                        first[:, :image.shape[0], :image.shape[1], :image.shape[2]])
+    answers, calls = [], []
+    framed = segmenter._segment_framed
+
+    def own_pass(target, prepared, single, boxes, *rest):
+        region = framed(target, prepared, single, boxes, *rest).changed_kji
+        calls.append(boxes)
+        return Prediction(answers[len(calls) - 1][None], single.names, region)
+
+    monkeypatch.setattr(segmenter, "_segment_framed", own_pass)
+    sure, shifted = truth.astype(np.float32), np.roll(truth, 1, axis=2).astype(np.float32)  # Dice 0.85: no mere refinement
+    answers[:] = [sure, sure]
+    values = segmenter.segment(volume, task).probabilities[0]
+    assert len(calls) == session.OWN_BOX_ROUNDS == 2  # the second round's boxes come from the first round's mean
+    assert calls[1] == session.own_slice_boxes(np.where(truth, 0.95, 0.0) >= session.OWN_BOX_LEVEL, geometry.spacing)
+    assert np.isclose(values[16, 14, 14], 0.975)  # (0.9 + 1) / 2, then (0.95 + 1) / 2
+    calls.clear()
+    answers[:] = [sure, shifted]  # the second round moves the structure: it does not refine, the first round stands
+    values = segmenter.segment(volume, task).probabilities[0]
+    assert len(calls) == 2 and np.isclose(values[16, 14, 14], 0.95) and values[16, 14, 20] == 0.0
+    calls.clear()
+    monkeypatch.setattr(session, "OWN_BOX_ROUNDS", 1)
+    assert np.isclose(segmenter.segment(volume, task).probabilities[0][16, 14, 14], 0.95) and len(calls) == 1
+
+
 def test_a_single_slice_image_is_segmented_whole_with_its_second_pass(segmenter, monkeypatch):
     from weakicl import session
 
@@ -463,7 +498,7 @@ def test_a_single_slice_image_is_segmented_whole_with_its_second_pass(segmenter,
     monkeypatch.setattr(segmenter, "_segment_framed", lambda target, prepared, single, prompts, *rest:
                         boxes.append(prompts) or framed(target, prepared, single, prompts, *rest))
     assert segmenter.segment(volume, task).probabilities.shape == (1, 1, 40, 40)
-    assert boxes == [session.own_slice_boxes(truth, geometry.spacing)] and len(boxes[0].boxes) == 1
+    assert boxes[0] == session.own_slice_boxes(truth, geometry.spacing) and len(boxes[0].boxes) == 1  # then its refinement
 
 
 def test_a_coarse_first_pass_sees_a_search_region_larger_than_a_window_whole_as_one_window(segmenter, phantom, monkeypatch):

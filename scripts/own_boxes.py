@@ -10,7 +10,9 @@ MR from the other modality's slice boxes (cross-weak) and label (cross-dense), a
 cerebral white matter and cortex labels from their own slice boxes registered onto themselves. All are
 training tasks: this is where the constants are chosen. Per trial it records the Dice of the first pass,
 of the second pass alone, of their mean inside the second pass's frame (the engine's combination), and
-the two masks' agreement; then, per agreement threshold, the summed Dice change over the first pass.
+the two masks' agreement; then, per agreement threshold, the summed Dice change over the first pass; and
+the whole engine with 1 to 3 own-box rounds (`session.OWN_BOX_ROUNDS`) on 3 to 5 slices of the first
+pass's extent (`session.OWN_BOX_FRACTIONS`), `ENGINE_VARIANTS`.
 `--validation` runs the hippocampus validation split's cross-weak trials instead (a check, not a choice).
 Writes own_boxes.json and own_boxes.md to `--out`.
 """
@@ -33,6 +35,14 @@ from weakicl.session import Segmenter, TaskEmbedding, mean_in_frame, own_slice_b
 from window_overlap import brain_task
 
 THRESHOLDS = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 1.01)
+USER_FRACTIONS = (0.25, 0.5, 0.75)  # the evaluation's slices, where a user's boxes lie
+ENGINE_VARIANTS = {  # the engine is also run whole with these own-box rounds and slices (OWN_BOX_ROUNDS, OWN_BOX_FRACTIONS)
+    "engine, 1 round, 3 boxes": (1, USER_FRACTIONS),
+    "engine, 2 rounds, 3 boxes": (2, USER_FRACTIONS),
+    f"engine as shipped, {session.OWN_BOX_ROUNDS} rounds, {len(session.OWN_BOX_FRACTIONS)} boxes": (session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS),
+    "engine, 2 rounds, 5 boxes": (2, (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)),
+    f"engine, 3 rounds, {len(session.OWN_BOX_FRACTIONS)} boxes": (3, session.OWN_BOX_FRACTIONS),
+}
 
 
 def trial_row(segmenter: Segmenter, group: str, name: str, target, task: TaskEmbedding, truth: np.ndarray) -> dict:
@@ -44,7 +54,19 @@ def trial_row(segmenter: Segmenter, group: str, name: str, target, task: TaskEmb
     finally:
         session.OWN_BOX_LEVEL = saved
     row = {"group": group, "structure": name, "first": dice(first >= 0.5, truth)}
-    boxes = own_slice_boxes(first >= session.OWN_BOX_LEVEL, target.geometry.spacing)
+    for label, (rounds, fractions) in ENGINE_VARIANTS.items():  # the whole engine, own-box rounds and slices varied
+        saved = session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS
+        session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS = rounds, fractions
+        try:
+            row[label] = dice(segmenter.segment(target, task).masks[0], truth)
+        finally:
+            session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS = saved
+    with_user_slices = session.OWN_BOX_FRACTIONS
+    session.OWN_BOX_FRACTIONS = USER_FRACTIONS  # the columns of one second pass: as they were first chosen
+    try:
+        boxes = own_slice_boxes(first >= session.OWN_BOX_LEVEL, target.geometry.spacing)
+    finally:
+        session.OWN_BOX_FRACTIONS = with_user_slices
     if boxes is None:
         return {**row, "second": None, "mean": None, "agreement": None}
     second = segmenter.segment(target, TaskEmbedding(task.tokens, task.names), boxes)
@@ -103,6 +125,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for group in dict.fromkeys(row["group"] for row in rows):
         members = [row for row in rows if row["group"] == group]
         entry = {"group": group, "n": len(members), "first": float(np.mean([r["first"] for r in members])),
+                 **{key: float(np.mean([r[key] for r in members])) for key in ENGINE_VARIANTS},
                  "second everywhere": float(np.mean([r["second"] if r["second"] is not None else r["first"] for r in members]))}
         for threshold in THRESHOLDS:
             kept = [r["mean"] if r["agreement"] is not None and r["agreement"] >= threshold else r["first"] for r in members]
@@ -116,7 +139,10 @@ def markdown(command: str, rows: list[dict], summary: list[dict]) -> str:
     lines = ["# A whole volume's second pass: propagation from its own slice boxes", "", f"Command: `{command}`", "",
              "Mean Dice per group: the first pass alone, the second pass everywhere, and the engine's combination (the mean "
              "of both passes in the second pass's frame) kept where the masks agree at least at the threshold "
-             "(1.01: never kept, the first pass).", "",
+             "(1.01: never kept, the first pass); and the whole engine with 1 to 3 own-box rounds "
+             "(`session.OWN_BOX_ROUNDS`: each round after the first kept where it agrees with the round before at least "
+             f"`OWN_BOX_REFINE_AGREEMENT` = {session.OWN_BOX_REFINE_AGREEMENT}) on 3 to 5 slices of the first pass's extent "
+             "(`session.OWN_BOX_FRACTIONS`; 3: the evaluation's 25/50/75 %, where users' boxes lie).", "",
              "| group | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for entry in summary:
         lines.append(f"| {entry['group']} | {entry['n']} | " + " | ".join(f"{entry[c]:.3f}" for c in columns) + " |")
