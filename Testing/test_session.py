@@ -7,7 +7,7 @@ from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
 from weakicl.prompts import MASK_CHANNEL, Point, PromptSet
 from weakicl.session import CLICK_SEED_MM, Segmenter, TaskEmbedding
-from weakicl.simulation import slice_boxes
+from weakicl.simulation import slice_boxes, slice_fractions
 from weakicl.volume import Geometry, Volume
 
 
@@ -372,13 +372,13 @@ def test_dropping_components_keeps_exactly_those_that_reach_the_support():
 
 
 def test_own_slice_boxes_are_the_protocols_boxes_of_the_largest_sure_component():
-    from weakicl.session import OWN_BOX_FRACTIONS, own_slice_boxes
+    from weakicl.session import OWN_BOX_SLICES, own_slice_boxes
 
     sure = np.zeros((20, 16, 18), dtype=bool)
     sure[4:15, 3:9, 5:12] = True
     sure[17:19, 14:16, 0:2] = True  # a smaller component elsewhere draws no box
     boxes = own_slice_boxes(sure, (1.0, 1.0, 1.0))
-    assert boxes.boxes == slice_boxes(sure[:16], OWN_BOX_FRACTIONS).boxes and len(boxes.boxes) == 4  # a box more than users draw
+    assert boxes.boxes == slice_boxes(sure[:16], slice_fractions(OWN_BOX_SLICES)).boxes and len(boxes.boxes) == 4  # a box more than users draw
     across_i = own_slice_boxes(sure, (3.0, 1.0, 1.0))  # thick along I: boxes on the scan's own (J, K) slices
     assert all(box.lo_ijk[0] == box.hi_ijk[0] for box in across_i.boxes)
     line = np.zeros((10, 10, 10), dtype=bool)

@@ -12,7 +12,7 @@ training tasks: this is where the constants are chosen. Per trial it records the
 of the second pass alone, of their mean inside the second pass's frame (the engine's combination), and
 the two masks' agreement; then, per agreement threshold, the summed Dice change over the first pass; and
 the whole engine with 1 to 3 own-box rounds (`session.OWN_BOX_ROUNDS`) on 3 to 5 slices of the first
-pass's extent (`session.OWN_BOX_FRACTIONS`), `ENGINE_VARIANTS`.
+pass's extent (`session.OWN_BOX_SLICES`), `ENGINE_VARIANTS`.
 `--validation` runs the hippocampus validation split's cross-weak trials instead (a check, not a choice).
 Writes own_boxes.json and own_boxes.md to `--out`.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,38 +36,39 @@ from weakicl.session import Segmenter, TaskEmbedding, mean_in_frame, own_slice_b
 from window_overlap import brain_task
 
 THRESHOLDS = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 1.01)
-USER_FRACTIONS = (0.25, 0.5, 0.75)  # the evaluation's slices, where a user's boxes lie
-ENGINE_VARIANTS = {  # the engine is also run whole with these own-box rounds and slices (OWN_BOX_ROUNDS, OWN_BOX_FRACTIONS)
-    "engine, 1 round, 3 boxes": (1, USER_FRACTIONS),
-    "engine, 2 rounds, 3 boxes": (2, USER_FRACTIONS),
-    f"engine as shipped, {session.OWN_BOX_ROUNDS} rounds, {len(session.OWN_BOX_FRACTIONS)} boxes": (session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS),
-    "engine, 2 rounds, 5 boxes": (2, (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)),
-    f"engine, 3 rounds, {len(session.OWN_BOX_FRACTIONS)} boxes": (3, session.OWN_BOX_FRACTIONS),
+USER_SLICES = 3  # the evaluation's slice boxes, as a user draws them
+ENGINE_VARIANTS = {  # the engine is also run whole with these own-box rounds and slices (OWN_BOX_ROUNDS, OWN_BOX_SLICES)
+    "engine, 1 round, 3 boxes": (1, USER_SLICES),
+    "engine, 2 rounds, 3 boxes": (2, USER_SLICES),
+    f"engine as shipped, {session.OWN_BOX_ROUNDS} rounds, {session.OWN_BOX_SLICES} boxes": (session.OWN_BOX_ROUNDS, session.OWN_BOX_SLICES),
+    "engine, 2 rounds, 5 boxes": (2, 5),
+    f"engine, 3 rounds, {session.OWN_BOX_SLICES} boxes": (3, session.OWN_BOX_SLICES),
 }
+
+
+@contextmanager
+def session_constants(**values):
+    """The session's module constants set to `values` for the duration, restored after."""
+    saved = {name: getattr(session, name) for name in values}
+    for name, value in values.items():
+        setattr(session, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(session, name, value)
 
 
 def trial_row(segmenter: Segmenter, group: str, name: str, target, task: TaskEmbedding, truth: np.ndarray) -> dict:
     """First pass, second pass and their combination for one single-class task on `target`."""
-    saved = session.OWN_BOX_LEVEL
-    session.OWN_BOX_LEVEL = None
-    try:
+    with session_constants(OWN_BOX_LEVEL=None):
         first = segmenter.segment(target, task).probabilities[0]
-    finally:
-        session.OWN_BOX_LEVEL = saved
     row = {"group": group, "structure": name, "first": dice(first >= 0.5, truth)}
-    for label, (rounds, fractions) in ENGINE_VARIANTS.items():  # the whole engine, own-box rounds and slices varied
-        saved = session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS
-        session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS = rounds, fractions
-        try:
+    for label, (rounds, slices) in ENGINE_VARIANTS.items():  # the whole engine, own-box rounds and slices varied
+        with session_constants(OWN_BOX_ROUNDS=rounds, OWN_BOX_SLICES=slices):
             row[label] = dice(segmenter.segment(target, task).masks[0], truth)
-        finally:
-            session.OWN_BOX_ROUNDS, session.OWN_BOX_FRACTIONS = saved
-    with_user_slices = session.OWN_BOX_FRACTIONS
-    session.OWN_BOX_FRACTIONS = USER_FRACTIONS  # the columns of one second pass: as they were first chosen
-    try:
+    with session_constants(OWN_BOX_SLICES=USER_SLICES):  # the columns of one second pass: as they were first chosen
         boxes = own_slice_boxes(first >= session.OWN_BOX_LEVEL, target.geometry.spacing)
-    finally:
-        session.OWN_BOX_FRACTIONS = with_user_slices
     if boxes is None:
         return {**row, "second": None, "mean": None, "agreement": None}
     second = segmenter.segment(target, TaskEmbedding(task.tokens, task.names), boxes)
@@ -142,7 +144,7 @@ def markdown(command: str, rows: list[dict], summary: list[dict]) -> str:
              "(1.01: never kept, the first pass); and the whole engine with 1 to 3 own-box rounds "
              "(`session.OWN_BOX_ROUNDS`: each round after the first kept where it agrees with the round before at least "
              f"`OWN_BOX_REFINE_AGREEMENT` = {session.OWN_BOX_REFINE_AGREEMENT}) on 3 to 5 slices of the first pass's extent "
-             "(`session.OWN_BOX_FRACTIONS`; 3: the evaluation's 25/50/75 %, where users' boxes lie).", "",
+             "(`session.OWN_BOX_SLICES`; 3: the evaluation's 25/50/75 %, where users' boxes lie).", "",
              "| group | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for entry in summary:
         lines.append(f"| {entry['group']} | {entry['n']} | " + " | ".join(f"{entry[c]:.3f}" for c in columns) + " |")

@@ -32,7 +32,7 @@ from .preprocess import (WorkingGrid, bounding_box, linear_resample, normalize_i
 from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, THIN_BOX_VOXELS, Box, Point, PromptSet, foreground_prior,
                       rasterize)
 from .registration import AtlasItem, atlas_prior
-from .simulation import FULL_CONNECTIVITY, slice_boxes
+from .simulation import FULL_CONNECTIVITY, slice_boxes, slice_fractions
 from .volume import Geometry, Volume, volume_digest
 
 logger = logging.getLogger("weakicl")
@@ -75,11 +75,11 @@ OWN_BOX_AGREEMENT = 0.75
 # (`python scripts/own_boxes.py`, reports/own-boxes-rounds)
 OWN_BOX_ROUNDS = 2
 OWN_BOX_REFINE_AGREEMENT = 0.9
-# the slices of its extent the own boxes lie on: the engine draws more than a user would (same trials, with 2
-# rounds; 3 boxes at 1/4, 1/2, 3/4 / these 4 / 5 at 1/6 .. 5/6): tuning hippocampi 0.782 / 0.790 / 0.787,
-# abdominal CT <-> MR cross-weak 0.280 / 0.298 / 0.295 and cross-dense 0.336 / 0.346 / 0.342, but the brain
-# MR's cerebral sheets 0.503 / 0.479 / 0.454 (`python scripts/own_boxes.py`, reports/own-boxes-rounds)
-OWN_BOX_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
+# own slice boxes, evenly spaced over the extent (`simulation.slice_fractions`): more than a user draws (same
+# trials, with 2 rounds; 3 as the evaluation's / 4 / 5): tuning hippocampi 0.782 / 0.790 / 0.787, abdominal
+# CT <-> MR cross-weak 0.280 / 0.298 / 0.295 and cross-dense 0.336 / 0.346 / 0.342, but the brain MR's
+# cerebral sheets 0.503 / 0.479 / 0.454 (`python scripts/own_boxes.py`, reports/own-boxes-rounds)
+OWN_BOX_SLICES = 4
 
 
 @dataclass
@@ -309,8 +309,9 @@ class Segmenter:
         unless `align_context` is False, each class starts from its context registered to the target;
         then each class is propagated again from slice boxes drawn around what that first pass is sure
         of, where the two agree, and again from the boxes of that result (`_propagate_own_boxes`), the
-        first pass coarse where its search region exceeds one window. In propagation and whole volumes, of several components those that nowhere
-        reach what the prompts or the registered context point to are dropped.
+        first pass coarse where its search region exceeds one window. In propagation and whole volumes, of
+        several components those that nowhere reach what the prompts or the registered context point to
+        are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
         click, and two terms join the network's logits, in propagation and in corrections alike (else a
         click would undo them): a bounded share of a probe of the image's appearance fitted to what the
@@ -394,8 +395,8 @@ class Segmenter:
         the two masks agree at least OWN_BOX_AGREEMENT, the class becomes the mean of both passes inside
         the boxes' frame and nothing beyond it (look-alikes far from the structure); otherwise, or with
         nothing that sure, it keeps its first pass. Up to OWN_BOX_ROUNDS times: each later round draws its
-        boxes around that mean and is kept only as a refinement (agreement at least OWN_BOX_REFINE_AGREEMENT).
-        Returns the region that now holds results."""
+        boxes around that mean and is kept only as a refinement (agreement at least
+        OWN_BOX_REFINE_AGREEMENT). Returns the region that now holds results."""
         regions = [changed]
         for index, values in enumerate(probabilities):
             single = TaskEmbedding(task.tokens[index:index + 1], [task.names[index]])
@@ -410,7 +411,7 @@ class Segmenter:
                                               lambda fraction, message: share(fraction, step + message), False)
                 required = OWN_BOX_AGREEMENT if round_ == 0 else OWN_BOX_REFINE_AGREEMENT
                 if pass_agreement(values, second.probabilities[0]) < required:
-                    break  # the pass before was not a picture to draw boxes from (a failed registration), or no refinement
+                    break  # the pass before was no picture to draw boxes from (a failed registration), or no refinement
                 mean_in_frame(values, second.probabilities[0], second.changed_kji)
                 regions.append(second.changed_kji)
         progress(1.0, "fitted to the volume's own slice boxes")
@@ -632,10 +633,8 @@ def padded_prompts(channels: np.ndarray, multiple: int, minimum_size) -> np.ndar
     past the edge of the image as they reach it (a structure cut by the field of view, a spinal cord or
     an aorta, goes on; with zeros there the network ended it one box gap early: MR spinal cord 0.78, aorta
     0.76), boxes and points do not."""
-    padded = pad_to_multiple(channels, multiple, minimum_size, mode="constant")[0]
-    for index in CONTINUING_CHANNELS:
-        padded[index] = pad_to_multiple(channels[index], multiple, minimum_size)[0]
-    return padded
+    return np.stack([pad_to_multiple(channel, multiple, minimum_size, "edge" if index in CONTINUING_CHANNELS else "constant")[0]
+                     for index, channel in enumerate(channels)])
 
 
 def _host(sampled) -> np.ndarray:
@@ -644,10 +643,11 @@ def _host(sampled) -> np.ndarray:
 
 
 def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
-    """Slice boxes on OWN_BOX_FRACTIONS of the extent (as the evaluation's protocol draws a user's, on
-    more slices) around the largest component of `sure` [K, J, I], on slices across its coarsest axis (a thick-slice scan's own slices;
-    a single-slice image's only axis of one voxel), each at least THIN_BOX_VOXELS wide in its slice, so
-    that it is a slice box; None when `sure` is empty or the image has fewer than two axes to draw in."""
+    """OWN_BOX_SLICES slice boxes, drawn as the evaluation's protocol draws a user's (on more slices),
+    around the largest component of `sure` [K, J, I], on slices across its coarsest axis (a thick-slice
+    scan's own slices; a single-slice image's only axis of one voxel), each at least THIN_BOX_VOXELS wide
+    in its slice, so that it is a slice box; None when `sure` is empty or the image has fewer than two
+    axes to draw in."""
     sizes_kji = np.array(sure.shape)
     if np.count_nonzero(sizes_kji > 1) < 2:
         return None
@@ -662,7 +662,7 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     axis_kji = int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
     size_ijk = sizes_kji[::-1]
     boxes = []
-    for box in slice_boxes(largest, OWN_BOX_FRACTIONS, axis=axis_kji).boxes:
+    for box in slice_boxes(largest, slice_fractions(OWN_BOX_SLICES), axis=axis_kji).boxes:
         lo, hi = np.array(box.lo_ijk), np.array(box.hi_ijk)
         for axis in range(3):
             if axis != 2 - axis_kji and hi[axis] - lo[axis] < THIN_BOX_VOXELS:
