@@ -39,10 +39,12 @@ try:
 except ImportError:  # pip's slicer-core: MRML without the application; the Logic still works (tests, scripts)
 
     class _WithoutApplication:
-        """Stand-in base so the module's classes can be defined; only the Logic is usable."""
+        """Stand-in base so the module's classes can be defined; only the Logic is usable. Cooperative,
+        as Slicer's ScriptedLoadable* bases are (each calls super().__init__()), so a base order that
+        breaks in the application breaks in tests too."""
 
         def __init__(self, *args) -> None:
-            pass
+            super().__init__()
 
     ScriptedLoadableModule = ScriptedLoadableModuleWidget = _WithoutApplication
     ScriptedLoadableModuleLogic = ScriptedLoadableModuleTest = _WithoutApplication
@@ -519,10 +521,11 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.setEnabled(enabled)
 
 
-class WeakICLSegmentLogic(ScriptedLoadableModuleLogic, SceneLogic):
+class WeakICLSegmentLogic(SceneLogic, ScriptedLoadableModuleLogic):
     """The parameter node, dependencies and device; the scene work is `SceneLogic`'s. Callable without
     the GUI (Python console, scripts, tests); long methods take `progress(fraction, message)`, and
-    raising from it (Cancel) aborts the work."""
+    raising from it (Cancel) aborts the work. `SceneLogic` comes first: ScriptedLoadableModuleLogic's
+    __init__ calls super().__init__(), which must reach `object`, not SceneLogic's (scene, factory)."""
 
     def __init__(self, scene=None, segmenterFactory: Optional[Callable] = None) -> None:
         """`scene` defaults to Slicer's; `segmenterFactory(device)` builds the engine session
