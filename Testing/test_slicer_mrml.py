@@ -297,6 +297,52 @@ def test_undo_restores_the_previous_segment_and_redo_the_next(scene, segmentatio
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "liver"
 
 
+def closed_surface_segmentation(scene, centre_ras, radius: float):
+    """A segmentation kept as closed surfaces, as an RTSTRUCT or a model imported as a segment is."""
+    bridge.register_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.CreateDefaultDisplayNodes()
+    node.GetSegmentation().SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*centre_ras)
+    sphere.SetRadius(radius)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    return node, node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "lesion", [1.0, 0.0, 0.0])
+
+
+def sphere_mask(geometry: Geometry, centre_ras, radius: float) -> np.ndarray:
+    kji = np.argwhere(np.ones(geometry.shape_kji, bool))
+    inside = np.linalg.norm(geometry.ijk_to_ras(kji[:, ::-1]) - np.asarray(centre_ras), axis=1) <= radius
+    return inside.reshape(geometry.shape_kji)
+
+
+def test_a_segment_kept_as_a_closed_surface_reads_as_its_voxels(scene):
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), (24, 24, 24))
+    centre = geometry.ijk_to_ras([[12.0, 11.0, 12.0]])[0]
+    segmentation, lesion = closed_surface_segmentation(scene, centre, 6.0)
+    read, expected = bridge.read_segment(segmentation, lesion, geometry), sphere_mask(geometry, centre, 6.0)
+    assert (read & expected).sum() > 0.9 * expected.sum() and (read & ~expected).sum() < 0.1 * expected.sum()
+    assert segmentation.GetSegmentation().GetSourceRepresentationName() == "Closed surface", "reading leaves it as it is"
+
+
+def test_writing_into_a_closed_surface_segmentation_converts_it_and_keeps_its_segments(scene):
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), (24, 24, 24))
+    centre = geometry.ijk_to_ras([[12.0, 11.0, 12.0]])[0]
+    segmentation, lesion = closed_surface_segmentation(scene, centre, 6.0)
+    mask = np.zeros(geometry.shape_kji, bool)
+    mask[2:6, 3:9, 4:10] = True
+    liver = bridge.write_segment(segmentation, mask, geometry, "liver")
+    converted = segmentation.GetSegmentation()
+    assert converted.GetSourceRepresentationName() == slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    assert converted.ContainsRepresentation("Closed surface"), "the surface it had is kept, made from the labelmaps"
+    assert [converted.GetNthSegment(i).GetName() for i in range(converted.GetNumberOfSegments())] == ["lesion", "liver"]
+    np.testing.assert_array_equal(bridge.read_segment(segmentation, liver, geometry), mask)
+    read, expected = bridge.read_segment(segmentation, lesion, geometry), sphere_mask(geometry, centre, 6.0)
+    assert (read & expected).sum() > 0.9 * expected.sum() and (read & ~expected).sum() < 0.1 * expected.sum()
+
+
 def test_packed_masks_unpack_exactly_and_stay_small():
     geometry = GEOMETRIES["oblique-anisotropic"]
     mask = ellipsoid(geometry.shape_kji, (6, 10, 9), (3, 4, 4))

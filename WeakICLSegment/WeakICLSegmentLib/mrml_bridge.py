@@ -318,6 +318,44 @@ def register_segmentation_converters() -> None:
             factory.RegisterConverterRule(rule_class())
 
 
+def _labelmap_name() -> str:
+    """Slicer's name of the representation segments are written in ("Binary labelmap")."""
+    return slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+
+def _set_reference_geometry(segmentation, image) -> None:
+    """The grid Slicer converts other representations onto (and the Segment Editor paints on)."""
+    segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+                                        slicer.vtkSegmentationConverter.SerializeImageGeometry(image))
+
+
+def make_labelmap_the_source(segmentation_node, fallback_geometry) -> None:
+    """Make the binary labelmap the segmentation's source representation, as the Segment Editor does
+    before its first edit: segments are written as labelmaps, and Slicer refuses to write them into a
+    segmentation kept as closed surfaces (RTSTRUCT, imported models). Its segments are converted on the
+    reference geometry (`fallback_geometry`, a vtkOrientedImageData, when it has none); a closed surface
+    it had is kept, now made from the labelmaps. Raises InputError when the conversion fails, with the
+    segmentation's segments unchanged."""
+    segmentation = segmentation_node.GetSegmentation()
+    # 5.4+ call it the source representation; 5.0-5.3 the master representation
+    source = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    if source() == _labelmap_name():
+        return
+    closed_surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    had_closed_surface = segmentation.ContainsRepresentation(closed_surface)
+    if not segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()):
+        _set_reference_geometry(segmentation, fallback_geometry)
+    if segmentation.GetNumberOfSegments() and not segmentation.CreateRepresentation(_labelmap_name()):
+        raise InputError(f"'{segmentation_node.GetName()}' has no binary labelmap and Slicer could not make one: "
+                         "convert it in the Segmentations module (Representations), then try again")
+    (getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName)(_labelmap_name())
+    if had_closed_surface:
+        segmentation.CreateRepresentation(closed_surface)
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetPreferredDisplayRepresentationName2D(_labelmap_name())
+
+
 def unique_segment_name(segmentation, name: str) -> str:
     """`name`, or `name 2`, `name 3`, ... : a new segment never shadows an existing one."""
     taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
@@ -334,7 +372,8 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
     Without `segment_id`, or with one that does not exist yet, a new segment with a unique name is
     added; with an existing one, only that segment's voxels are replaced. Other segments are never
     changed: where they overlap, Slicer keeps them on separate labelmap layers. A segmentation node made by a node selector's
-    "Create new" has no display node yet: it gets one, so the segment shows.
+    "Create new" has no display node yet: it gets one, so the segment shows. A segmentation kept as
+    closed surfaces is converted to binary labelmaps first (`make_labelmap_the_source`).
     """
     register_segmentation_converters()
     if segmentation_node.GetDisplayNode() is None:
@@ -343,16 +382,17 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
     ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
     labelmap = _oriented_image(np.asarray(mask, dtype=bool).astype(np.uint8), ijk_to_node)
     if segmentation.GetNumberOfSegments() == 0:  # an empty segmentation takes the target's grid
-        segmentation.SetConversionParameter(
-            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
-            slicer.vtkSegmentationConverter.SerializeImageGeometry(labelmap),
-        )
-    if not segment_id or segmentation.GetSegment(segment_id) is None:
+        _set_reference_geometry(segmentation, labelmap)
+    make_labelmap_the_source(segmentation_node, labelmap)
+    added = not segment_id or segmentation.GetSegment(segment_id) is None
+    if added:
         colour = SEGMENT_COLOURS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLOURS)]
         segment_id = segmentation.AddEmptySegment(segment_id, unique_segment_name(segmentation, name), colour)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     written = logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE)
     if not written:
+        if added:  # no empty stray segment left behind
+            segmentation.RemoveSegment(segment_id)
         raise RuntimeError(f"Slicer refused to write segment '{name}'")
     return segment_id
 
@@ -363,9 +403,18 @@ def segment_ids(segmentation_node) -> list[str]:
 
 
 def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.ndarray:
-    """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I)."""
+    """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I). A segment
+    kept only as a closed surface is converted for this read; the segmentation is left as it is."""
     labelmap = slicer.vtkOrientedImageData()
-    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    if segmentation_node.GetSegmentation().ContainsRepresentation(_labelmap_name()):
+        read = segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    else:  # converts a copy of this one segment, in the segmentation node's coordinates
+        read = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, labelmap, False)
+    if not read:
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        raise InputError(f"segment '{segment.GetName() if segment else segment_id}' of '{segmentation_node.GetName()}' "
+                         "cannot be read as a binary labelmap: convert it in the Segmentations module")
     if labelmap.IsEmpty():
         return np.zeros(geometry.shape_kji, dtype=bool)
     ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
