@@ -1,8 +1,9 @@
 """Boxes placed the way the application places them (defect 1 of issue 14): the Box button, then two
 clicks on a slice view (`AddControlPointWorld` twice, with the crosshair on that view, as the mouse puts
-it), which Slicer's `UpdateBoxROIFromControlPoints` pads to the shortest side. Axial and sagittal boxes
-must come out as slice boxes of their IJK axis, oblique ones as oriented boxes in their plane; markups
-files saved by Slicer carry the same padding and are read by the engine with the same rule."""
+it), which Slicer's `UpdateBoxROIFromControlPoints` pads to the shortest side and the module flattens
+again. Axial and sagittal boxes must come out as slice boxes of their IJK axis, oblique ones as oriented
+boxes in their plane, also after resizing their sides; markups files saved by Slicer (padded, or flat)
+are read by the engine with the same rule."""
 
 import json
 import sys
@@ -72,8 +73,7 @@ def test_two_clicks_on_an_axial_slice_give_a_slice_box_on_that_slice(logic):
     volume = add_volume(logic.scene, AXIAL_GRID)
     centre = AXIAL_GRID.ijk_to_ras([[40.3, 44.6, 12.0]])[0]  # on slice k=12, between voxels in plane
     roi = draw_box(logic, volume, AXIAL, centre, 8.1, 12.3)
-    size = sorted(roi.GetSize())
-    assert size[0] == pytest.approx(size[1]), "Slicer pads the zero side to the shortest one"
+    np.testing.assert_allclose(roi.GetSize(), [16.2, 24.6, 0.0], atol=1e-6)  # Slicer's padding undone: flat on its slice
     box = bridge.box_from_roi(roi, AXIAL_GRID)
     assert isinstance(box, Box) and box.thin_axes() == [2]
     np.testing.assert_allclose([box.lo_ijk[2], box.hi_ijk[2]], [12.0, 12.0], atol=1e-6)
@@ -162,6 +162,28 @@ def test_a_placed_box_resized_through_its_slice_is_a_3d_box_and_a_set_box_stays_
     scripted = bridge.create_prompt_node(logic.scene, Role.CONTEXT_BOX, volume)
     bridge.set_roi_box(scripted, Box((30, 40, 10), (40, 50, 20)), AXIAL_GRID)  # a cube-ish 3D box set by a script
     assert bridge.box_from_roi(scripted, AXIAL_GRID).thin_axes() == []
+
+
+@pytest.mark.parametrize("rotation", [AXIAL, OBLIQUE], ids=["axial", "oblique"])
+@pytest.mark.parametrize("factor", [0.7, 1.3])
+def test_a_slice_box_resized_in_its_plane_with_the_handles_stays_a_slice_box(logic, tmp_path, rotation, factor):
+    volume = add_volume(logic.scene, AXIAL_GRID)
+    roi = draw_box(logic, volume, rotation, AXIAL_GRID.ijk_to_ras([[40.3, 44.6, 12.0]])[0], 8.1, 12.3)
+    x, y, z = roi.GetSize()
+    roi.SetSize(x * factor, y, z)  # the L/R face handle: vtkSlicerROIWidget::ScaleWidget sets the in-plane sides only
+    box = bridge.box_from_roi(roi, AXIAL_GRID)
+    if rotation is AXIAL:
+        assert isinstance(box, Box) and box.thin_axes() == [2] and box.lo_ijk[2] == pytest.approx(12.0)
+        assert "slice K=12" in logic.contextEntries()[0].label
+    else:
+        assert isinstance(box, OrientedBox)
+        assert "oblique slice" in logic.contextEntries()[0].label
+    storage = slicer.vtkMRMLMarkupsROIJsonStorageNode()  # saved and read back without the module's attributes
+    logic.scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "box.mrk.json"))
+    assert storage.WriteData(roi)
+    read = read_prompts(tmp_path / "box.mrk.json", AXIAL_GRID)
+    assert (read.boxes[0].thin_axes() == [2]) if rotation is AXIAL else (len(read.oriented_boxes) == 1)
 
 
 def test_padded_axis_prefers_the_side_whose_centre_lies_on_a_slice():

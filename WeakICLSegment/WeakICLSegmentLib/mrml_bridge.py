@@ -232,8 +232,10 @@ def box_from_roi(roi, geometry: Geometry) -> Box | OrientedBox | None:
 def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> int:
     """Observe an ROI being placed by two clicks: at the first click, turn the ROI into the frame of the
     slice view clicked in (so Slicer sizes it in that view's plane, oblique views included) and note the
-    click; at the second, record which ROI axis the two clicks shared (`recorded_slice_axis`).
-    Returns the observer tag."""
+    click; at the second, record which ROI axis the two clicks shared (`recorded_slice_axis`) and set
+    the ROI's side along it to 0, undoing Slicer's padding: a flat box is a slice box by its shape
+    alone (`weakicl.slicebox`'s thin-side rule), also after its sides are resized with the handles
+    and in files saved from the scene. Returns the observer tag."""
 
     def on_defined(caller, event) -> None:
         defined = caller.GetNumberOfDefinedControlPoints()
@@ -257,6 +259,10 @@ def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> int:
         diagonal = diagonal @ axes  # second click - first click, along the ROI axes
         shared = [a for a in range(3) if abs(diagonal[a]) <= 1e-6 * max(np.abs(diagonal).max(), 1e-9)]
         caller.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(shared[0]) if len(shared) == 1 else "none")
+        if len(shared) == 1 and defined == 1:  # Slicer has padded the box: flatten it back onto its slice
+            size = list(caller.GetSize())
+            size[shared[0]] = 0.0
+            caller.SetSize(*size)
 
     return roi.AddObserver(roi.PointPositionDefinedEvent, on_defined)
 
