@@ -321,6 +321,30 @@ def test_refine_keeps_hand_edits_and_undo_refuses_to_restore_over_them(logic, sc
     assert not logic.history.can_undo
 
 
+@pytest.mark.parametrize("own_grid", [
+    Geometry((0.4, 0.4, 0.4), (-30.0, -30.0, -20.0), np.eye(3), (130, 160, 160)),  # the Segment Editor's "Specify geometry"
+    Geometry((1.3, 1.3, 1.3), (-29.6, -29.7, -19.8), np.eye(3), (44, 52, 52)),  # made on another series
+], ids=["oversampled", "another-series"])
+def test_segment_and_refine_on_a_segmentation_of_another_grid_leave_its_other_segments_exactly_as_they_were(
+        logic, scene, own_grid):
+    volume = add_volume(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    other = ellipsoid(own_grid.shape_kji, np.array(own_grid.shape_kji) / 2, np.array(own_grid.shape_kji) / 8)
+    other_id = bridge.write_segment(segmentation, other, own_grid, "vessel")  # sets the segmentation's reference geometry
+    segment_id = logic.segment(volume, segmentation, "liver").segmentId
+    np.testing.assert_array_equal(bridge.read_segment(segmentation, other_id, own_grid), other)
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    np.testing.assert_allclose(labelmap.GetSpacing(), own_grid.spacing)  # written on the segmentation's own lattice
+    click(logic, volume, (32, 30, 18))
+    logic.refine(volume)
+    np.testing.assert_array_equal(bridge.read_segment(segmentation, other_id, own_grid), other)
+    logic.undo()  # the round trip through the segmentation's lattice is not taken for a hand edit
+    logic.undo()
+    assert segmentation.GetSegmentation().GetSegment(segment_id) is None
+    np.testing.assert_array_equal(bridge.read_segment(segmentation, other_id, own_grid), other)
+
+
 # --- defects 6 and 12: dependency commands, ctest registration -------------------------------------
 
 

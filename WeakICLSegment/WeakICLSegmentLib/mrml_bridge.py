@@ -335,6 +335,33 @@ def _set_reference_geometry(segmentation, image) -> None:
                                         slicer.vtkSegmentationConverter.SerializeImageGeometry(image))
 
 
+def _on_segmentation_lattice(segmentation, labelmap):
+    """`labelmap` resampled (nearest neighbour) onto the voxel lattice of the segmentation's reference
+    geometry, over the voxels whose centres lie in `labelmap`'s image; `labelmap` itself when it is on
+    that lattice already. Slicer resamples a shared labelmap layer onto the lattice of what is written
+    into it, so writing on the segmentation's own lattice, as the Segment Editor's effects do, leaves
+    the other segments of the layer exactly as they are (an oversampled segmentation, one made on
+    another series)."""
+    serialized = segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    lattice = slicer.vtkOrientedImageData()
+    if not serialized or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, lattice, False):
+        return labelmap
+    image_to_node, lattice_to_node = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(image_to_node)
+    lattice.GetImageToWorldMatrix(lattice_to_node)
+    dimensions = np.array(labelmap.GetDimensions())
+    corners = np.array([[a, b, c, 1.0] for a in (-0.5, dimensions[0] - 0.5) for b in (-0.5, dimensions[1] - 0.5)
+                        for c in (-0.5, dimensions[2] - 0.5)])
+    corners_ijk = (np.linalg.inv(numpy_matrix(lattice_to_node)) @ numpy_matrix(image_to_node) @ corners.T)[:3].T
+    lo, hi = np.ceil(corners_ijk.min(axis=0) - 1e-6).astype(int), np.floor(corners_ijk.max(axis=0) + 1e-6).astype(int)
+    lattice.SetExtent(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, lattice) and lattice.GetExtent() == labelmap.GetExtent():
+        return labelmap
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, lattice, resampled)
+    return resampled
+
+
 def make_labelmap_the_source(segmentation_node, fallback_geometry) -> None:
     """Make the binary labelmap the segmentation's source representation, as the Segment Editor does
     before its first edit: segments are written as labelmaps, and Slicer refuses to write them into a
@@ -377,7 +404,8 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
 
     Without `segment_id`, or with one that does not exist yet, a new segment with a unique name is
     added; with an existing one, only that segment's voxels are replaced. Other segments are never
-    changed: where they overlap, Slicer keeps them on separate labelmap layers. A segmentation node made by a node selector's
+    changed: the mask is written on the segmentation's own voxel lattice (`_on_segmentation_lattice`),
+    and where segments overlap, Slicer keeps them on separate labelmap layers. A segmentation node made by a node selector's
     "Create new" has no display node yet: it gets one, so the segment shows. A segmentation kept as
     closed surfaces is converted to binary labelmaps first (`make_labelmap_the_source`).
     """
@@ -390,6 +418,7 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
     if segmentation.GetNumberOfSegments() == 0:  # an empty segmentation takes the target's grid
         _set_reference_geometry(segmentation, labelmap)
     make_labelmap_the_source(segmentation_node, labelmap)
+    labelmap = _on_segmentation_lattice(segmentation, labelmap)
     added = not segment_id or segmentation.GetSegment(segment_id) is None
     if added:
         colour = SEGMENT_COLOURS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLOURS)]

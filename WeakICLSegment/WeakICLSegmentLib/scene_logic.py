@@ -342,7 +342,9 @@ class SceneLogic:
             outside[region] = False
             result[outside] = current[outside]
         bridge.write_segment(segmentationNode, result, geometry, name, subject.segmentId)
-        self._written[key] = PackedMask.pack(result)
+        # as read back on the target's grid: `result`, unless the segmentation's own lattice differs, and
+        # then the round trip through it must not pass for a hand edit
+        self._written[key] = PackedMask.pack(bridge.read_segment(segmentationNode, subject.segmentId, geometry))
         self.history.record(before._replace(expected=self._written[key]))
         self._activate(subject.targetId, subject)
 
