@@ -169,6 +169,23 @@ def test_refine_writes_only_the_region_the_engine_recomputed(logic, scene, monke
     np.testing.assert_array_equal(after[outside], before[outside])
 
 
+def test_a_refine_finishing_after_the_scene_was_closed_writes_nothing_into_the_next_scene(logic, scene, caplog):
+    volume = add_volume(scene)
+    logic.segment(volume, None, "liver")
+    click(logic, volume, (32, 30, 18))
+    job = logic.prepareRefine(volume)
+    computed = job.compute(lambda fraction, message: None)
+    logic.forgetEdits()  # File > Close Scene while the non-modal refine computes (the Widget's onSceneStartClose)
+    scene.Clear(0)
+    volume = add_volume(scene)  # the next scene: node IDs start again
+    segmentation = logic.createSegmentation(volume)
+    with caplog.at_level("INFO"):
+        assert job.apply(computed) is None
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert "scene was closed" in caplog.text
+
+
 def test_a_prepared_job_computes_with_no_scene_left(logic, scene):
     volume = add_volume(scene)
     job = logic.prepareSegment(volume, None, "liver")

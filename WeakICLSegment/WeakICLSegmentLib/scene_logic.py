@@ -9,6 +9,7 @@ tests; the Widget runs `compute` on a worker thread under a modal progress dialo
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ class SceneLogic:
         self._applied: dict[tuple[str, str], PromptSet] = {}  # (segmentation, segment) -> corrections refined
         self._written: dict[tuple[str, str], PackedMask] = {}  # (segmentation, segment) -> what was written
         self._placementObservers: dict[str, int] = {}
+        self._sceneGeneration = 0  # bumped when the scene is closed (`forgetEdits`)
 
     # -- engine ---------------------------------------------------------------------------------------
     def segmenter(self, device: str = "auto"):
@@ -109,6 +111,20 @@ class SceneLogic:
         if device not in self._segmenters:
             self._segmenters[device] = self._segmenterFactory(device)
         return self._segmenters[device]
+
+    def _sceneJob(self, title: str, compute: Callable[[ProgressCallback], Any], apply: Callable[[Any], Any]) -> Job:
+        """A Job that writes the scene it was prepared in, or nothing: when that scene was closed while
+        it computed (a refine is not modal), its result is dropped and `apply` returns None. Node IDs
+        start again in the next scene, so the IDs it holds could name unrelated nodes there."""
+        generation = self._sceneGeneration
+
+        def applyToItsScene(result):
+            if self._sceneGeneration != generation:
+                logging.info(f"WeakICLSegment: {title.lower()} result dropped: the scene was closed while it was computed")
+                return None
+            return apply(result)
+
+        return Job(title, compute, applyToItsScene)
 
     @staticmethod
     def run(job: Job, progress: Optional[ProgressCallback] = None):
@@ -268,7 +284,7 @@ class SceneLogic:
             self._applied[(subject.segmentationId, segmentId)] = PromptSet()
             return SegmentResult(segmentId, time.perf_counter() - start, segmenter.device_name, node, prediction.changed_kji)
 
-        return Job("Segmenting", compute, apply)
+        return self._sceneJob("Segmenting", compute, apply)
 
     def segment(self, targetVolume, segmentationNode, name: str, bank: Sequence[BankEntry] = (), device: str = "auto",
                 progress: Optional[ProgressCallback] = None, alignContext: bool = True) -> SegmentResult:
@@ -305,7 +321,7 @@ class SceneLogic:
             return SegmentResult(active.segmentId, time.perf_counter() - start, segmenter.device_name,
                                  segmentationNode, prediction.changed_kji)
 
-        return Job("Refining", compute, apply)
+        return self._sceneJob("Refining", compute, apply)
 
     def refine(self, targetVolume=None, bank: Sequence[BankEntry] = (), device: str = "auto",
                progress: Optional[ProgressCallback] = None) -> SegmentResult:
@@ -393,7 +409,9 @@ class SceneLogic:
         self._swap(self.history.redo(self._captureForSwap))
 
     def forgetEdits(self) -> None:
-        """Drop the undo history and the cached volumes (the scene they refer to is going away)."""
+        """Drop the undo history and the cached volumes (the scene they refer to is going away), and
+        the results of jobs still computing for it."""
+        self._sceneGeneration += 1
         self.history.clear()
         self._volumes.clear()
         self._active.clear()
@@ -485,7 +503,7 @@ class SceneLogic:
                 nodes.append(node)
             return BatchResult(nodes, skipped)
 
-        return Job("Batch", compute, apply)
+        return self._sceneJob("Batch", compute, apply)
 
     def batchVolumes(self, volumeNodes: Sequence, name: str, bank: Sequence[BankEntry] = (), folder: Optional[Path] = None,
                      device: str = "auto", progress: Optional[ProgressCallback] = None, alignContext: bool = True) -> BatchResult:
