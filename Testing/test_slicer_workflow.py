@@ -365,6 +365,30 @@ def test_segment_and_refine_on_a_segmentation_of_another_grid_leave_its_other_se
 # --- defects 6 and 12: dependency commands, ctest registration -------------------------------------
 
 
+def test_install_commands_run_in_pythonslicer_inside_the_application_never_in_slicer_itself(monkeypatch):
+    monkeypatch.setattr(dependencies.shutil, "which", lambda name: "/opt/Slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
+    assert dependencies.python_launcher() == "/opt/Slicer/bin/PythonSlicer"
+    monkeypatch.setattr(dependencies.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="PythonSlicer"):  # never sys.executable: that is the Slicer application
+        dependencies.python_launcher()
+
+
+def test_the_default_target_is_a_volume_the_selector_lists_not_a_label_map(logic, scene):
+    assert logic.defaultTargetVolume() is None
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labels.SetAndObserveImageData(bridge.image_data(TRUTH.astype(np.uint8)))
+    volume = add_volume(scene, boxes=False)
+    assert logic.defaultTargetVolume() is volume
+
+
+def test_the_module_declares_the_modules_it_uses():
+    parent = type("Parent", (), {})()  # the qSlicerScriptedLoadableModule that Slicer's ScriptedLoadableModule keeps
+    registered = module.WeakICLSegment.__new__(module.WeakICLSegment)
+    registered.parent = parent  # the stand-in base without the application does not keep it
+    registered.__init__(parent)
+    assert {"Markups", "Segmentations"} <= set(parent.dependencies)
+
+
 def test_installing_the_other_packages_pins_the_installed_torch():
     command = dependencies.other_packages_command(["monai", "scipy"], "2.4.1+cu121")
     assert command == ["pip", "install", "monai>=1.3", "scipy>=1.10", "torch==2.4.1+cu121"]

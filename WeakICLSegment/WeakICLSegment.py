@@ -62,7 +62,7 @@ class WeakICLSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "WeakICL Segment"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Markups", "Segmentations"]  # prompts are markups; results are segments
         self.parent.contributors = ["WeakICLSegment developers"]
         self.parent.helpText = (
             "Draw a box or a few points on 2-3 slices, press Segment, get the structure over the whole volume; "
@@ -184,7 +184,7 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.targetVolume:
-            self._parameterNode.targetVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.targetVolume = self.logic.defaultTargetVolume()
 
     def setParameterNode(self, parameterNode: Optional[WeakICLSegmentParameterNode]) -> None:
         """Bind the .ui to a parameter node once (binding again on every enter piles up connections).
@@ -490,8 +490,12 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay("Installing dependencies failed.", detailedText=output)
             self.updateDeviceLabel()
 
+        try:
+            with slicer.util.tryWithErrorDisplay("Cannot install dependencies."):  # shows the error, then re-raises
+                self._installer = CommandRunner(commands, finished, lambda command: setattr(self.ui.deviceLabel, "text", f"Running {' '.join(command)} ..."))
+        except RuntimeError:
+            return
         self._setBusy(True)
-        self._installer = CommandRunner(commands, finished, lambda command: setattr(self.ui.deviceLabel, "text", f"Running {' '.join(command)} ..."))
         self._installer.start()
 
     @staticmethod

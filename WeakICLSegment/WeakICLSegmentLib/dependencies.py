@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import shutil
 from typing import Optional
 
 # import name -> pip requirement
@@ -55,3 +56,14 @@ def other_packages_command(names: list[str], torch_version: Optional[str]) -> Op
         return None
     pins = [f"torch=={torch_version}"] if torch_version else []
     return ["pip", "install", *requirements, *pins]
+
+
+def python_launcher() -> str:
+    """The Python that runs the install commands (`python -m ...`) in Slicer's environment: the
+    `PythonSlicer` launcher that Slicer puts on the PATH, found as `slicer.util` finds it. Inside the
+    application `sys.executable` is Slicer itself, so `-m pip` there would start a second Slicer."""
+    launcher = shutil.which("PythonSlicer")
+    if launcher is None:
+        raise RuntimeError("PythonSlicer executable not found on the PATH, so packages cannot be installed from here: "
+                           "install them from Slicer's Python console with slicer.util.pip_install")
+    return launcher

@@ -8,8 +8,6 @@ the progress callback; `apply` (the MRML writes) then runs on the main thread.
 
 from __future__ import annotations
 
-import shutil
-import sys
 import threading
 from typing import Callable, Optional, Union
 
@@ -17,6 +15,7 @@ import qt
 import slicer
 from weakicl.errors import Cancelled
 
+from .dependencies import python_launcher
 from .scene_logic import Job
 
 POLL_MILLISECONDS = 100
@@ -66,10 +65,12 @@ def run_job(job: Job, finished: Callable[[Optional[BaseException], object], None
 
 
 class CommandRunner:
-    """Python-module command lines run one after another in a QProcess: the GUI stays live."""
+    """Python-module command lines run one after another in a QProcess: the GUI stays live. Raises
+    RuntimeError at construction when Slicer's Python launcher cannot be found."""
 
     def __init__(self, commands: list[Command], finished: Callable[[bool, str], None],
                  started: Callable[[list[str]], None] = lambda command: None) -> None:
+        self._python = python_launcher()
         self._commands = list(commands)
         self._finished, self._started = finished, started
         self._process: Optional[qt.QProcess] = None
@@ -88,4 +89,4 @@ class CommandRunner:
         self._process = qt.QProcess()
         self._process.setProcessChannelMode(qt.QProcess.MergedChannels)
         self._process.connect("finished(int,QProcess::ExitStatus)", self.start)
-        self._process.start(shutil.which("PythonSlicer") or sys.executable, ["-m", *command])
+        self._process.start(self._python, ["-m", *command])

@@ -145,6 +145,13 @@ class SceneLogic:
             self._volumes[volumeNode.GetID()] = cached
         return cached[1]
 
+    def defaultTargetVolume(self):
+        """The first volume the target selector lists and the engine can take (None if none): a label
+        map is a scalar volume node too, but the selector does not list it."""
+        collection = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return next(iter(split_segmentable(nodes)[0]), None)
+
     # -- prompts --------------------------------------------------------------------------------------
     def sliceNodeAtCursor(self):
         """The slice view under the mouse (the crosshair node tracks it): where a box is being drawn."""
