@@ -316,6 +316,24 @@ def test_segment_honours_the_editable_area_and_overwrite_setting_and_never_chang
     assert (mine & other).any() == overlap
 
 
+def test_the_editable_intensity_range_is_of_the_segment_editors_source_volume_when_it_is_not_the_target(logic, scene):
+    volume = add_volume(scene)
+    segmentation = logic.createSegmentation(volume)
+    other_grid = Geometry((1.0, 1.0, 1.5), (-29.5, -30.5, -20.75), np.eye(3), (36, 64, 64))  # another series
+    bright_left = np.zeros(other_grid.shape_kji, np.float32)
+    bright_left[:, :, :32] = 500.0  # in range on its left half only; the target is in range on the structure
+    source = bridge.volume_node_from_volume(scene, Volume(bright_left, other_grid, "MR"), "T1")
+    editor = editor_for(scene, segmentation, slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere,
+                        slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    editor.SetAndObserveSourceVolumeNode(source)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(100.0, 1000.0)
+    mine = mask_of(segmentation, logic.segment(volume, segmentation, "liver").segmentId)
+    in_range = bridge.volume_on_grid(source, GEOMETRY) >= 100.0
+    assert mine.any() and not (mine & ~in_range).any()
+    assert not mine[:, :, 33:].any(), "the source volume's range, on the target's grid, bounds the segment"
+
+
 def test_refine_keeps_hand_edits_and_undo_refuses_to_restore_over_them(logic, scene):
     volume = add_volume(scene)
     segmentation = logic.segment(volume, None, "liver").segmentationNode

@@ -3,7 +3,8 @@ edits made by hand since the module last wrote.
 
 The module never changes another segment. The Segment Editor's settings for the segmentation are
 honoured the way its effects do: the *editable area* (everywhere, inside/outside all or visible
-segments, inside one segment), the *editable intensity range* of the source volume, and *modify other
+segments, inside one segment), the *editable intensity range* of its source volume (which need not be
+the target), and *modify other
 segments*: where that would overwrite another segment (all, or the visible ones), the module leaves
 those voxels out of its own segment instead, since it never changes the other one; with "allow overlap"
 the segments may overlap. Without a Segment Editor node for the segmentation, everything is editable and
@@ -30,6 +31,7 @@ class EditSettings:
     mask_segment_id: str
     overwrite_mode: int
     intensity_range: Optional[tuple[float, float]]
+    source_volume_id: str = ""  # the volume the intensity range is of ("": the target's)
 
     @classmethod
     def default(cls) -> EditSettings:
@@ -47,14 +49,17 @@ def edit_settings(scene, segmentation_node) -> EditSettings:
         # 5.2+ call it the source volume; 5.0/5.1 the master volume
         enabled = getattr(editor, "GetSourceVolumeIntensityMask", None) or editor.GetMasterVolumeIntensityMask
         span = getattr(editor, "GetSourceVolumeIntensityMaskRange", None) or editor.GetMasterVolumeIntensityMaskRange
+        source = (getattr(editor, "GetSourceVolumeNode", None) or editor.GetMasterVolumeNode)()
         return EditSettings(editor.GetMaskMode(), editor.GetMaskSegmentID() or "", editor.GetOverwriteMode(),
-                            tuple(span()) if enabled() else None)
+                            tuple(span()) if enabled() else None, source.GetID() if source is not None else "")
     return EditSettings.default()
 
 
 def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: EditSettings,
-             image: Optional[np.ndarray]) -> np.ndarray:
-    """Bool (K, J, I): where the segment `segment_id` may take new values, on `geometry`."""
+             image: np.ndarray, image_volume_id: str) -> np.ndarray:
+    """Bool (K, J, I): where the segment `segment_id` may take new values, on `geometry`, the grid of
+    `image` (the voxels of the volume node `image_volume_id`). The editable intensity range is of the
+    Segment Editor's source volume: another volume than `image`'s is resampled onto `geometry`."""
     segmentation_node_class = slicer.vtkMRMLSegmentationNode
     editor_class = slicer.vtkMRMLSegmentEditorNode
     others = [sid for sid in bridge.segment_ids(segmentation_node) if sid != segment_id]
@@ -83,7 +88,9 @@ def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: E
         allowed &= ~union(others)
     elif settings.overwrite_mode == editor_class.OverwriteVisibleSegments:
         allowed &= ~union(visible)
-    if settings.intensity_range is not None and image is not None:
+    if settings.intensity_range is not None:
+        if settings.source_volume_id and settings.source_volume_id != image_volume_id:
+            image = bridge.volume_on_grid(segmentation_node.GetScene().GetNodeByID(settings.source_volume_id), geometry)
         low, high = settings.intensity_range
         allowed &= (image >= low) & (image <= high)
     return allowed

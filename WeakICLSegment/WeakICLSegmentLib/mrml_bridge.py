@@ -132,6 +132,19 @@ def volume_from_node(node, modality: str = "auto") -> Volume:
     return Volume(np.array(slicer.util.arrayFromVolume(node), copy=True), geometry, modality)
 
 
+def volume_on_grid(node, geometry: Geometry) -> np.ndarray:
+    """A volume node's voxels resampled (linearly, as the Segment Editor aligns its source volume)
+    onto the world grid `geometry`, as a float array (K, J, I); 0 outside the volume."""
+    world = geometry_from_volume_node(node)
+    image = slicer.vtkOrientedImageData()
+    image.ShallowCopy(node.GetImageData())
+    image.SetImageToWorldMatrix(vtk_matrix(world.ijk_to_ras_matrix()))
+    reference = _oriented_image(np.zeros(geometry.shape_kji, dtype=np.uint8), geometry.ijk_to_ras_matrix())
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled, True)
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(geometry.shape_kji).astype(np.float32)
+
+
 def volume_node_from_volume(scene, volume: Volume, name: str):
     """A new scalar volume node showing an engine Volume (synthetic data, files read by the engine)."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))

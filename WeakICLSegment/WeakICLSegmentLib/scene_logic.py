@@ -357,7 +357,7 @@ class SceneLogic:
         exists = segmentationNode.GetSegmentation().GetSegment(subject.segmentId) is not None
         current = bridge.read_segment(segmentationNode, subject.segmentId, geometry) if exists else np.zeros(geometry.shape_kji, bool)
         allowed = masking.writable(segmentationNode, subject.segmentId, geometry,
-                                   masking.edit_settings(self.scene, segmentationNode), target.array)
+                                   masking.edit_settings(self.scene, segmentationNode), target.array, subject.targetId)
         written = self._written.get(key)
         result = masking.compose(prediction, current, allowed, written.unpack() if written is not None and not newSegment else None)
         if region is not None:
