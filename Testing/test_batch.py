@@ -89,6 +89,16 @@ def test_a_killed_batch_resumes_with_only_the_missing_output(study, tiny_weights
     assert table.count("skipped") == 2 and table.count(" done ") == 1
 
 
+def test_a_nifti_cut_short_inside_a_whole_gzip_stream_fails_that_volume_only(study, tiny_weights, segment_calls, capsys):
+    """Audit D1 in a batch: case1 held half its voxels as zeros and was segmented as if whole."""
+    from test_volume import cut_inside_a_whole_gzip_stream
+
+    cut_inside_a_whole_gzip_stream(study["images"] / "case1.nii.gz")
+    assert batch(study, tiny_weights, str(study["images"]), "--label", "blob") == 2
+    assert sorted(p.name for p in study["images"].glob("*.seg.nrrd")) == ["case0 blob.seg.nrrd", "case2 blob.seg.nrrd"]
+    assert len(segment_calls) == 2 and "case1.nii.gz is cut short" in capsys.readouterr().out
+
+
 def test_a_manifest_names_outputs_by_case_id(study, tiny_weights, segment_calls):
     manifest = study["dir"] / "manifest.json"
     manifest.write_text(json.dumps({"cases": [{"id": "first", "image": "images/case0.nii.gz"},

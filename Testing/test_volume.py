@@ -122,6 +122,29 @@ def test_a_truncated_image_is_refused_not_read_as_zeros(tmp_path, suffix):
         read_volume(path)
 
 
+def cut_inside_a_whole_gzip_stream(path):
+    """A .nii.gz whose gzip stream is complete but holds only the first half of the NIfTI file."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[: len(data) // 2]))
+    return path
+
+
+def test_a_nifti_cut_short_inside_a_complete_gzip_stream_is_refused(tmp_path):
+    """Audit D1: the gzip check passed, and ITK read the missing half of the voxels as zeros."""
+    geometry = oblique_geometry()
+    image = cut_inside_a_whole_gzip_stream(write_volume(tmp_path / "image.nii.gz", Volume(np.ones(geometry.shape_kji, np.float32), geometry)))
+    with pytest.raises(InputError, match=r"image.nii.gz is cut short or damaged \(\d+ bytes where the header needs \d+\)"):
+        read_volume(image)
+    labels = np.ones(geometry.shape_kji, bool)
+    label = cut_inside_a_whole_gzip_stream(write_mask(tmp_path / "label.nii.gz", labels, geometry, ["x"]))
+    with pytest.raises(InputError, match="label.nii.gz is cut short"):
+        read_label_map(label, geometry)
+    whole = write_mask(tmp_path / "whole.nii.gz", labels, geometry, ["x"])
+    assert read_label_map(whole, geometry).sum() == labels.sum()
+
+
 def test_the_content_key_sees_one_voxel_in_any_chunk_and_nothing_else():
     shape = (80, 128, 256)  # several hashing chunks
     assert np.prod(shape) * 4 > 2 * DIGEST_CHUNK_BYTES

@@ -359,26 +359,38 @@ def _c_stderr_to_debug_log() -> Iterator[None]:
 
 
 def check_complete(path: str | os.PathLike) -> None:
-    """Raise when a gzip stream (EOFError, zlib.error) or an uncompressed NIfTI file (ValueError) is cut
-    short: ITK reads both without complaint, filling the missing voxels with zeros (a truncated mask
-    looks empty). Other files pass: ITK's own reader checks them."""
+    """Raise when a gzip stream (EOFError, zlib.error) or a NIfTI file, plain or inside a whole gzip
+    stream (ValueError), is cut short: ITK reads all of them without complaint, filling the missing
+    voxels with zeros (a truncated mask looks empty). Other files pass: ITK's own reader checks them."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".gz"):
         with gzip.open(path, "rb") as stream:  # EOFError or BadGzipFile (an OSError) when cut short
-            while stream.read(1 << 22):
-                pass
+            header = stream.read(NIFTI_HEADER_BYTES)
+            size = len(header)
+            while chunk := stream.read(1 << 22):
+                size += len(chunk)
+        if name.endswith(".nii.gz"):
+            _check_nifti_size(header, size)
     elif name.endswith(".nii"):
         with open(path, "rb") as handle:
-            header = handle.read(540)
-        # (header size, dim, bitpix, vox_offset) layouts of NIfTI-1 and NIfTI-2
-        for size, dim_format, dim_at, bits_at, offset_format, offset_at in ((348, "8h", 40, 72, "f", 108), (540, "8q", 16, 14, "q", 168)):
-            for order in "<>":
-                if len(header) >= size and struct.unpack_from(order + "i", header, 0)[0] == size:
-                    dims = struct.unpack_from(order + dim_format, header, dim_at)
-                    bits = struct.unpack_from(order + "h", header, bits_at)[0]
-                    offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
-                    needed = int(offset) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bits // 8
-                    if path.stat().st_size < needed:
-                        raise ValueError(f"{path.stat().st_size} bytes where the header needs {needed}")
-                    return
+            header = handle.read(NIFTI_HEADER_BYTES)
+        _check_nifti_size(header, path.stat().st_size)
+
+
+NIFTI_HEADER_BYTES = 540  # a NIfTI-2 header; a NIfTI-1 header is its first 348 bytes
+
+
+def _check_nifti_size(header: bytes, size: int) -> None:
+    """Raise ValueError when `size` bytes of NIfTI data are fewer than its `header` calls for."""
+    # (header size, dim, bitpix, vox_offset) layouts of NIfTI-1 and NIfTI-2
+    for header_size, dim_format, dim_at, bits_at, offset_format, offset_at in ((348, "8h", 40, 72, "f", 108), (540, "8q", 16, 14, "q", 168)):
+        for order in "<>":
+            if len(header) >= header_size and struct.unpack_from(order + "i", header, 0)[0] == header_size:
+                dims = struct.unpack_from(order + dim_format, header, dim_at)
+                bits = struct.unpack_from(order + "h", header, bits_at)[0]
+                offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
+                needed = int(offset) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bits // 8
+                if size < needed:
+                    raise ValueError(f"{size} bytes where the header needs {needed}")
+                return
