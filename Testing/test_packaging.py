@@ -213,7 +213,7 @@ def test_every_mask_output_carries_its_provenance(tmp_path, name, in_header):
         assert json.loads(reader.GetMetaData(HEADER_KEY)) == record
         assert not sidecar_path(path).exists()
     else:
-        assert sidecar_path(path) == tmp_path / "out.provenance.json"
+        assert sidecar_path(path) == tmp_path / f"{name}.provenance.json"
         assert json.loads(sidecar_path(path).read_text()) == record
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,33 @@ def test_file_size_limit_exits_3_with_one_line_and_keeps_the_old_output(case):
     assert len(lines) == 1 and lines[0].startswith("weakicl: error: cannot write") and "wrote" not in result.stdout
     assert output.read_bytes() == before
     assert leftovers(case["dir"]) == []
+
+
+def test_a_provenance_sidecar_is_part_of_its_output(case, capsys):
+    """Audit D2: an existing NAME.provenance.json was replaced without --overwrite, and x.nii and x.nii.gz
+    shared one, so the older output kept a record of the newer one's prompts."""
+    from weakicl.cli import main
+
+    def segment(output, prompts, *extra):
+        return main(["segment", case["image"], "--prompts", prompts, "--output", str(output), "--device", "cpu",
+                     "--weights", case["weights"], "-q", *extra])
+
+    folder = case["dir"]
+    sidecar = folder / "side.nii.gz.provenance.json"
+    sidecar.write_text('{"mine": "precious notes"}')
+    assert segment(folder / "side.nii.gz", case["prompts"]) == 2
+    assert capsys.readouterr().err.strip() == f"weakicl: error: {sidecar} (the provenance of side.nii.gz) exists; pass --overwrite to replace it"
+    assert sidecar.read_text() == '{"mine": "precious notes"}' and not (folder / "side.nii.gz").exists()
+    assert segment(folder / "side.nii.gz", case["prompts"], "--overwrite") == 0
+    assert json.loads(sidecar.read_text())["prompts"]["file"] == "boxes.json"
+
+    other_prompts = folder / "other.json"
+    other_prompts.write_text(Path(case["prompts"]).read_text())
+    assert segment(folder / "base.nii.gz", case["prompts"]) == 0
+    assert segment(folder / "base.nii", str(other_prompts)) == 0
+    assert json.loads((folder / "base.nii.gz.provenance.json").read_text())["prompts"]["file"] == "boxes.json"
+    assert json.loads((folder / "base.nii.provenance.json").read_text())["prompts"]["file"] == "other.json"
+    assert not (folder / "base.provenance.json").exists() and leftovers(folder) == []
 
 
 @pytest.mark.parametrize("suffix, limit", [(".nii.gz", 64), (".nii", 1024), (".nrrd", 200), (".seg.nrrd", 200)])

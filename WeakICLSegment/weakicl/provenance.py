@@ -22,7 +22,7 @@ from .atomic import atomic_path
 HEADER_KEY = "WeakICL_Provenance"  # key of the compact JSON record in NRRD/MHA headers
 HEADER_SUFFIXES = (".nrrd", ".mha", ".mhd")  # formats whose header keeps free key-value fields
 SIDECAR_SUFFIX = ".provenance.json"
-_IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+SIDECAR_FORMATS = (".nii.gz", ".nii")  # formats without a free-text header: the record goes beside them
 
 
 def provenance(card: Mapping[str, Any] | None = None, target: str | os.PathLike | None = None,
@@ -62,20 +62,22 @@ def in_header(output: str | os.PathLike) -> bool:
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
-    """`liver.nii.gz` -> `liver.provenance.json` (a distinct suffix, so it never replaces a prompt file)."""
+    """`liver.nii.gz` -> `liver.nii.gz.provenance.json`: named after the whole file name, so `liver.nii`
+    and `liver.nii.gz` have one each, and with a distinct suffix, so it never replaces a prompt file."""
     output = Path(output)
-    name = output.name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return output.with_name(name + SIDECAR_SUFFIX)
+    return output.with_name(output.name + SIDECAR_SUFFIX)
 
 
-def write_sidecar(output: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Write the sidecar JSON of `output` atomically."""
+def sidecar_of(output: str | os.PathLike) -> Path | None:
+    """The sidecar that is part of `output` (written and checked with it), or None when its format keeps
+    the record itself."""
+    return sidecar_path(output) if Path(output).name.lower().endswith(SIDECAR_FORMATS) else None
+
+
+def write_sidecar(output: str | os.PathLike, record: Mapping[str, Any], overwrite: bool = True) -> Path:
+    """Write the sidecar JSON of `output` atomically (without `overwrite`, never over an existing one)."""
     path = sidecar_path(output)
-    with atomic_path(path, ".json") as temporary:
+    with atomic_path(path, ".json", overwrite=overwrite) as temporary:
         temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
 

@@ -231,7 +231,8 @@ def _mask_suffix(path: Path) -> str:
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Fail before any work when an output could not be written (the write re-checks `overwrite`)."""
+    """Fail before any work when an output, or the provenance sidecar that is part of it, could not be
+    written (the write re-checks `overwrite`)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"output {path} is a folder; give a file name ending with one of {', '.join(MASK_SUFFIXES)}")
@@ -242,6 +243,9 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = True) -> Path:
         raise InputError(f"output folder is not writable: {path.parent}")
     if not overwrite and os.path.lexists(path):
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+    sidecar = _provenance.sidecar_of(path)
+    if sidecar is not None and not overwrite and os.path.lexists(sidecar):
+        raise OutputExists(f"{sidecar} (the provenance of {path.name}) exists; pass --overwrite to replace it")
     return path
 
 
@@ -288,8 +292,8 @@ def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, n
     image = image_on_grid(labels, geometry)
     _record_provenance(image, path, provenance)
     _write_atomically(image, path, _mask_suffix(path), overwrite)
-    if provenance is not None and not _provenance.in_header(path):
-        _provenance.write_sidecar(path, provenance)
+    if provenance is not None and _provenance.sidecar_of(path) is not None:
+        _provenance.write_sidecar(path, provenance, overwrite)
     return path
 
 
