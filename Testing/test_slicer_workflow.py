@@ -169,6 +169,34 @@ def test_refine_writes_only_the_region_the_engine_recomputed(logic, scene, monke
     np.testing.assert_array_equal(after[outside], before[outside])
 
 
+def test_a_refine_reads_the_other_segments_only_where_the_engine_recomputed(logic, scene, monkeypatch):
+    volume = add_volume(scene)
+    result = logic.segment(volume, None, "liver")
+    segmentation = result.segmentationNode
+    organs = []
+    for n in range(3):  # other organs; with a Segment Editor node, Slicer's default "overwrite all segments" applies
+        organ = np.zeros(GEOMETRY.shape_kji, bool)
+        organ[12:20, 10 + 16 * n:20 + 16 * n, 20:44] = True
+        organs.append((bridge.write_segment(segmentation, organ, GEOMETRY, f"organ {n}"), organ))
+    editor_for(scene, segmentation, slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere,
+               slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments)
+    changed = (slice(10, 20), slice(20, 40), slice(25, 45))
+    before = mask_of(segmentation, result.segmentId)
+    spy_on_segment(logic, monkeypatch, changed)  # the engine answers "all foreground" in `changed`
+    reads = []
+    real_read = bridge.read_segment
+    monkeypatch.setattr(bridge, "read_segment", lambda node, sid, geometry, region=None: reads.append((sid, region)) or real_read(node, sid, geometry, region))
+    click(logic, volume, (32, 30, 18))
+    logic.refine(volume)
+    organ_ids = {organ_id for organ_id, _ in organs}
+    assert {sid for sid, _ in reads} >= organ_ids
+    assert all(region == changed for sid, region in reads if sid in organ_ids), "no whole-volume reads per other segment"
+    after = mask_of(segmentation, result.segmentId)
+    for organ_id, organ in organs:
+        np.testing.assert_array_equal(mask_of(segmentation, organ_id), organ)
+        assert not (after & organ & ~before)[changed].any()  # overwrite-all still honoured inside the region
+
+
 def test_a_refine_finishing_after_the_scene_was_closed_writes_nothing_into_the_next_scene(logic, scene, caplog):
     volume = add_volume(scene)
     logic.segment(volume, None, "liver")

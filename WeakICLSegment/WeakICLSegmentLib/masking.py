@@ -56,10 +56,13 @@ def edit_settings(scene, segmentation_node) -> EditSettings:
 
 
 def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: EditSettings,
-             image: np.ndarray, image_volume_id: str) -> np.ndarray:
+             image: np.ndarray, image_volume_id: str, region: Optional[tuple] = None) -> np.ndarray:
     """Bool (K, J, I): where the segment `segment_id` may take new values, on `geometry`, the grid of
-    `image` (the voxels of the volume node `image_volume_id`). The editable intensity range is of the
-    Segment Editor's source volume: another volume than `image`'s is resampled onto `geometry`."""
+    `image` (the voxels of the volume node `image_volume_id`); with `region` (slices k, j, i) only in
+    that block, and only the other segments' voxels there are read. The editable intensity range is of
+    the Segment Editor's source volume: another volume than `image`'s is resampled onto `geometry`."""
+    region = region or (slice(None),) * 3
+    shape = np.zeros(geometry.shape_kji, dtype=bool)[region].shape
     segmentation_node_class = slicer.vtkMRMLSegmentationNode
     editor_class = slicer.vtkMRMLSegmentEditorNode
     others = [sid for sid in bridge.segment_ids(segmentation_node) if sid != segment_id]
@@ -67,13 +70,13 @@ def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: E
     visible = [sid for sid in others if display is None or display.GetSegmentVisibility(sid)]
 
     def union(ids: list[str]) -> np.ndarray:
-        combined = np.zeros(geometry.shape_kji, dtype=bool)
+        combined = np.zeros(shape, dtype=bool)
         for sid in ids:
-            combined |= bridge.read_segment(segmentation_node, sid, geometry)
+            combined |= bridge.read_segment(segmentation_node, sid, geometry, region)
         return combined
 
     mode = settings.mask_mode
-    allowed = np.ones(geometry.shape_kji, dtype=bool)
+    allowed = np.ones(shape, dtype=bool)
     if mode == segmentation_node_class.EditAllowedInsideAllSegments:
         allowed = union(others)
     elif mode == segmentation_node_class.EditAllowedInsideVisibleSegments:
@@ -83,7 +86,7 @@ def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: E
     elif mode == segmentation_node_class.EditAllowedOutsideVisibleSegments:
         allowed = ~union(visible)
     elif mode == segmentation_node_class.EditAllowedInsideSingleSegment and settings.mask_segment_id:
-        allowed = bridge.read_segment(segmentation_node, settings.mask_segment_id, geometry)
+        allowed = bridge.read_segment(segmentation_node, settings.mask_segment_id, geometry, region)
     if settings.overwrite_mode == editor_class.OverwriteAllSegments:
         allowed &= ~union(others)
     elif settings.overwrite_mode == editor_class.OverwriteVisibleSegments:
@@ -92,7 +95,7 @@ def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: E
         if settings.source_volume_id and settings.source_volume_id != image_volume_id:
             image = bridge.volume_on_grid(segmentation_node.GetScene().GetNodeByID(settings.source_volume_id), geometry)
         low, high = settings.intensity_range
-        allowed &= (image >= low) & (image <= high)
+        allowed &= (image[region] >= low) & (image[region] <= high)
     return allowed
 
 

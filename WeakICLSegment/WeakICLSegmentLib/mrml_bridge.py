@@ -11,7 +11,7 @@ its prompts and its segmentation may each sit under a different transform and st
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import slicer
@@ -450,9 +450,11 @@ def segment_ids(segmentation_node) -> list[str]:
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
-def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.ndarray:
-    """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I). A segment
-    kept only as a closed surface is converted for this read; the segmentation is left as it is."""
+def read_segment(segmentation_node, segment_id: str, geometry: Geometry, region: Optional[tuple] = None) -> np.ndarray:
+    """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I); with `region`
+    (slices k, j, i of `geometry`) only that block of it, and only that much work. A segment kept only
+    as a closed surface is converted for this read; the segmentation is left as it is."""
+    (k0, k1, _), (j0, j1, _), (i0, i1, _) = (part.indices(n) for part, n in zip(region or (slice(None),) * 3, geometry.shape_kji))
     labelmap = slicer.vtkOrientedImageData()
     if segmentation_node.GetSegmentation().ContainsRepresentation(_labelmap_name()):
         read = segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
@@ -463,11 +465,12 @@ def read_segment(segmentation_node, segment_id: str, geometry: Geometry) -> np.n
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f"segment '{segment.GetName() if segment else segment_id}' of '{segmentation_node.GetName()}' "
                          "cannot be read as a binary labelmap: convert it in the Segmentations module")
+    shape = (k1 - k0, j1 - j0, i1 - i0)
     if labelmap.IsEmpty():
-        return np.zeros(geometry.shape_kji, dtype=bool)
-    ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
-    reference = _oriented_image(np.zeros(geometry.shape_kji, dtype=np.uint8), ijk_to_node)
+        return np.zeros(shape, dtype=bool)
+    reference = slicer.vtkOrientedImageData()  # the geometry only: nothing allocated
+    reference.SetImageToWorldMatrix(vtk_matrix(np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()))
+    reference.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
-    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
-    return values.reshape(geometry.shape_kji) > 0
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0

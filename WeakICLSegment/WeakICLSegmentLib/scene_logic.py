@@ -346,24 +346,22 @@ class SceneLogic:
     def _write(self, subject: ActiveSegment, name: str, prediction: np.ndarray, region: Optional[tuple], target,
                newSegment: bool) -> None:
         """Write a prediction as one undoable step, where the Segment Editor's settings let it, keeping
-        hand edits made since the module last wrote this segment; only `region` changes (None: all). A
-        new segment starts with no corrections."""
+        hand edits made since the module last wrote this segment; only `region` changes (None: all), and
+        the masking and hand-edit work is done there only. A new segment starts with no corrections."""
         before = self._capture(subject, name, None)
         if newSegment:
             self.clearCorrections(self.scene.GetNodeByID(subject.targetId))
         segmentationNode = self.scene.GetNodeByID(subject.segmentationId)
         key = (subject.segmentationId, subject.segmentId)
         geometry = target.geometry
-        exists = segmentationNode.GetSegmentation().GetSegment(subject.segmentId) is not None
-        current = bridge.read_segment(segmentationNode, subject.segmentId, geometry) if exists else np.zeros(geometry.shape_kji, bool)
-        allowed = masking.writable(segmentationNode, subject.segmentId, geometry,
-                                   masking.edit_settings(self.scene, segmentationNode), target.array, subject.targetId)
+        region = region or (slice(None),) * 3
+        current = before.state.mask.unpack() if before.state.mask is not None else np.zeros(geometry.shape_kji, bool)
+        allowed = masking.writable(segmentationNode, subject.segmentId, geometry, masking.edit_settings(self.scene, segmentationNode),
+                                   target.array, subject.targetId, region)
         written = self._written.get(key)
-        result = masking.compose(prediction, current, allowed, written.unpack() if written is not None and not newSegment else None)
-        if region is not None:
-            outside = np.ones(geometry.shape_kji, dtype=bool)
-            outside[region] = False
-            result[outside] = current[outside]
+        result = current.copy()
+        result[region] = masking.compose(prediction[region], current[region], allowed,
+                                         written.unpack()[region] if written is not None and not newSegment else None)
         bridge.write_segment(segmentationNode, result, geometry, name, subject.segmentId)
         # as read back on the target's grid: `result`, unless the segmentation's own lattice differs, and
         # then the round trip through it must not pass for a hand edit
