@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ellipsoid
-from weakicl.atomic import _HOST, TEMPORARY_PREFIX, atomic_path, remove_stale_temporaries
+from weakicl.atomic import _HOST, TEMPORARY_PREFIX, atomic_path, atomic_paths, remove_stale_temporaries
 from weakicl.errors import OutputExists, WriteError
 from weakicl.simulation import slice_boxes
 from weakicl.volume import Geometry, Volume, check_complete, read_label_map, write_mask, write_volume
@@ -100,6 +100,48 @@ def test_a_provenance_sidecar_is_part_of_its_output(case, capsys):
     assert json.loads((folder / "base.nii.gz.provenance.json").read_text())["prompts"]["file"] == "boxes.json"
     assert json.loads((folder / "base.nii.provenance.json").read_text())["prompts"]["file"] == "other.json"
     assert not (folder / "base.provenance.json").exists() and leftovers(folder) == []
+
+
+def test_an_output_is_not_left_behind_when_its_sidecar_cannot_be_written(case, monkeypatch, capsys):
+    """Audit D3: with its sidecar path a folder, exit 3 left the new image without its record, and a rerun
+    then refused it as existing. A folder is now refused before any work; one that turns up between that
+    check and the write (here: the check skipped) takes the image back with it."""
+    import weakicl.volume
+    from weakicl.cli import main
+
+    folder = case["dir"]
+    (folder / "side.nii.gz.provenance.json").mkdir()
+    arguments = ["segment", case["image"], "--prompts", case["prompts"], "--output", str(folder / "side.nii.gz"),
+                 "--device", "cpu", "--weights", case["weights"], "-q"]
+    assert main(arguments) == 2
+    assert "side.nii.gz.provenance.json, where the provenance of side.nii.gz goes, is a folder" in capsys.readouterr().err
+    assert not (folder / "side.nii.gz").exists()
+
+    monkeypatch.setattr(weakicl.volume, "check_output_path", lambda path, overwrite=True: Path(path))
+    with pytest.raises(WriteError, match="cannot write .*side.nii.gz.provenance.json"):
+        write_mask(folder / "side.nii.gz", case["truth"], GEOMETRY, ["x"], provenance={"tool": "test"})
+    assert not (folder / "side.nii.gz").exists() and leftovers(folder) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_files_written_together_are_published_together_or_not_at_all(tmp_path, overwrite):
+    """When the second file cannot be published, the first is taken back: removed when it is new,
+    restored byte for byte when it replaced an earlier file."""
+    first, second = tmp_path / "first.json", tmp_path / "second.nii"
+    if overwrite:
+        first.write_bytes(b"earlier record")
+    second.mkdir()  # cannot be replaced by a file, nor linked over
+    (second / "keep").write_bytes(b"")
+    with pytest.raises((WriteError, OutputExists), match="second.nii"):
+        with atomic_paths([(first, ".json", None), (second, ".nii", None)], overwrite) as temporaries:
+            for temporary in temporaries:
+                temporary.write_bytes(b"new")
+    assert (first.read_bytes() == b"earlier record") if overwrite else not first.exists()
+    assert second.is_dir() and leftovers(tmp_path) == []
+    with atomic_paths([(first, ".json", None), (tmp_path / "third.nii", ".nii", None)], True) as temporaries:
+        for temporary, text in zip(temporaries, (b"record", b"image")):
+            temporary.write_bytes(text)
+    assert first.read_bytes() == b"record" and (tmp_path / "third.nii").read_bytes() == b"image" and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("suffix, limit", [(".nii.gz", 64), (".nii", 1024), (".nrrd", 200), (".seg.nrrd", 200)])

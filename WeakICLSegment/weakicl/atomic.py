@@ -5,6 +5,7 @@ the block the file is flushed to disk, verified (the caller's `verify` reads it 
 umask's mode, and published: by `os.replace` with `overwrite`, else by an exclusive create (a hard link,
 which fails when the name exists), so a file that appeared meanwhile, such as a concurrent run's
 output, is never replaced. Any failure leaves the destination as it was and no temporary file behind.
+Files that belong together (an image and its provenance sidecar) are published together or not at all.
 Temporary files of killed runs (`.weakicl-*`) are removed by the next write into the same folder.
 """
 
@@ -14,11 +15,12 @@ import errno
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .errors import OutputExists, WriteError
 
@@ -39,38 +41,87 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", overwrite: bool = Tru
     leave it closed. Raises WriteError for disk-full, quota, size-limit, permission and other OS errors;
     in every failure `path` is left untouched and the temporary file is removed.
     """
-    path = Path(path)
-    folder = path.parent
-    remove_stale_temporaries(folder)
-    temporary = folder / f"{TEMPORARY_PREFIX}{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{suffix}"
+    with atomic_paths([(path, suffix, verify)], overwrite) as (temporary,):
+        yield temporary
+
+
+@contextmanager
+def atomic_paths(outputs: Sequence[tuple[str | os.PathLike, str, Callable[[Path], None] | None]],
+                 overwrite: bool = True) -> Iterator[list[Path]]:
+    """`atomic_path` for files that belong together (an image and its provenance sidecar): yield one
+    temporary path per (path, suffix, verify); publish all of them, in this order, or none. When one
+    cannot be published, those published before it are taken back (earlier files restored), so every
+    path is as it was. The last is the output the user asked for: errors of the block name it."""
+    paths = [Path(path) for path, _, _ in outputs]
+    for folder in dict.fromkeys(path.parent for path in paths):
+        remove_stale_temporaries(folder)
+    temporaries = [path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{suffix}"
+                   for path, (_, suffix, _) in zip(paths, outputs)]
+    backups: list[Path] = []
     try:
         try:
-            # 0o666 filtered by the umask, like any new file (mkstemp's 0600 would hide results from the group)
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            yield temporary
-            _sync(temporary)
+            for temporary in temporaries:
+                # 0o666 filtered by the umask, like any new file (mkstemp's 0600 would hide results from the group)
+                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            yield temporaries
+            for temporary in temporaries:
+                _sync(temporary)
         except OSError as error:
-            raise WriteError(f"cannot write {path}: {_reason(error)}") from None
+            raise WriteError(f"cannot write {paths[-1]}: {_reason(error)}") from None
         except RuntimeError as error:  # writers in C++ (ITK) report I/O failures this way
-            raise WriteError(f"cannot write {path}: {_last_line(error, temporary)}") from None
-        if verify is not None:
+            raise WriteError(f"cannot write {paths[-1]}: {_last_line(error, temporaries[-1])}") from None
+        for path, temporary, (_, _, verify) in zip(paths, temporaries, outputs):
+            if verify is not None:
+                try:
+                    verify(temporary)
+                except Exception as error:
+                    raise WriteError(f"cannot write {path}: the written file does not read back complete "
+                                     f"(disk full, quota or file-size limit?): {_last_line(error, temporary)}") from None
+        published: list[tuple[Path, Path | None]] = []  # (path, the earlier file kept to restore it, if any)
+        for index, (path, temporary) in enumerate(zip(paths, temporaries)):
             try:
-                verify(temporary)
-            except Exception as error:
-                raise WriteError(f"cannot write {path}: the written file does not read back complete "
-                                 f"(disk full, quota or file-size limit?): {_last_line(error, temporary)}") from None
-        try:
-            _publish(temporary, path, overwrite)
-        except FileExistsError:
-            raise OutputExists(f"{path} appeared while this run was writing it; pass --overwrite to replace it") from None
-        except OSError as error:
-            raise WriteError(f"cannot write {path}: {_reason(error)}") from None
-        _sync_folder(folder)
+                backup = _keep_earlier(path) if overwrite and index < len(paths) - 1 else None
+                if backup is not None:
+                    backups.append(backup)
+                _publish(temporary, path, overwrite)
+            except OSError as error:
+                _take_back(published)
+                if isinstance(error, FileExistsError):
+                    raise OutputExists(f"{path} appeared while this run was writing it; pass --overwrite to replace it") from None
+                raise WriteError(f"cannot write {path}: {_reason(error)}") from None
+            published.append((path, backup))
+        for folder in dict.fromkeys(path.parent for path in paths):
+            _sync_folder(folder)
     finally:
+        for leftover in temporaries + backups:
+            try:
+                os.unlink(leftover)  # after os.replace it is gone; after os.link the published name remains
+            except OSError:
+                pass  # gone already, or left for the next write into this folder to remove
+
+
+def _keep_earlier(path: Path) -> Path | None:
+    """A second name for the file at `path` (None when there is none), so it can be put back."""
+    if not os.path.lexists(path):
+        return None
+    backup = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{_HOST}-{secrets.token_hex(4)}"
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)  # no hard links on this file system
+    return backup
+
+
+def _take_back(published: Sequence[tuple[Path, Path | None]]) -> None:
+    """Undo the publishing of files whose companion failed: restore each earlier file, or remove the new one."""
+    for path, backup in reversed(published):
         try:
-            os.unlink(temporary)  # after os.replace it is gone; after os.link the published name remains
+            if backup is None:
+                os.unlink(path)
+            else:
+                os.replace(backup, path)
         except OSError:
-            pass  # gone already, or left for the next write into this folder to remove
+            pass  # best effort: the error that brought us here is reported
 
 
 def _publish(temporary: Path, path: Path, overwrite: bool) -> None:

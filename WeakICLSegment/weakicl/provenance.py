@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import atomic_path
 
 HEADER_KEY = "WeakICL_Provenance"  # key of the compact JSON record in NRRD/MHA headers
 HEADER_SUFFIXES = (".nrrd", ".mha", ".mhd")  # formats whose header keeps free key-value fields
@@ -74,12 +73,9 @@ def sidecar_of(output: str | os.PathLike) -> Path | None:
     return sidecar_path(output) if Path(output).name.lower().endswith(SIDECAR_FORMATS) else None
 
 
-def write_sidecar(output: str | os.PathLike, record: Mapping[str, Any], overwrite: bool = True) -> Path:
-    """Write the sidecar JSON of `output` atomically (without `overwrite`, never over an existing one)."""
-    path = sidecar_path(output)
-    with atomic_path(path, ".json", overwrite=overwrite) as temporary:
-        temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return path
+def sidecar_json(record: Mapping[str, Any]) -> str:
+    """The text of a sidecar; the output's writer publishes it together with the output (weakicl.atomic)."""
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
 def portable_path(path: str | os.PathLike, start: str | os.PathLike | None = None) -> str:

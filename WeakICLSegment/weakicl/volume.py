@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from . import provenance as _provenance
-from .atomic import atomic_path
+from .atomic import atomic_paths
 from .errors import InputError, OutputExists
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -244,6 +244,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = True) -> Path:
     if not overwrite and os.path.lexists(path):
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
     sidecar = _provenance.sidecar_of(path)
+    if sidecar is not None and sidecar.is_dir():
+        raise InputError(f"{sidecar}, where the provenance of {path.name} goes, is a folder; choose another output name")
     if sidecar is not None and not overwrite and os.path.lexists(sidecar):
         raise OutputExists(f"{sidecar} (the provenance of {path.name}) exists; pass --overwrite to replace it")
     return path
@@ -291,9 +293,7 @@ def write_mask(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, n
         labels[masks[index] & (labels == 0)] = value
     image = image_on_grid(labels, geometry)
     _record_provenance(image, path, provenance)
-    _write_atomically(image, path, _mask_suffix(path), overwrite)
-    if provenance is not None and _provenance.sidecar_of(path) is not None:
-        _provenance.write_sidecar(path, provenance, overwrite)
+    _write_atomically(image, path, _mask_suffix(path), overwrite, provenance)
     return path
 
 
@@ -305,7 +305,7 @@ def _record_provenance(image, path: Path, record: dict | None) -> None:
 def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = True) -> Path:
     """Write an image with its geometry, atomically (see `atomic_path`)."""
     path = check_output_path(path, overwrite)
-    _write_atomically(image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path), overwrite)
+    _write_atomically(image_on_grid(volume.array, volume.geometry), path, _mask_suffix(path), overwrite, None)
     return path
 
 
@@ -318,7 +318,8 @@ def image_on_grid(array: np.ndarray, geometry: Geometry):
     return image
 
 
-def _write_atomically(image, path: Path, suffix: str, overwrite: bool) -> None:
+def _write_atomically(image, path: Path, suffix: str, overwrite: bool, provenance: dict | None) -> None:
+    """Write `image`, with the sidecar of `provenance` where its format needs one: both or neither."""
     sitk = _sitk()
     expected = sitk.GetArrayFromImage(image)
     geometry = geometry_of(image)
@@ -335,8 +336,12 @@ def _write_atomically(image, path: Path, suffix: str, overwrite: bool) -> None:
                 not np.array_equal(sitk.GetArrayViewFromImage(back)[finite], expected[finite]):
             raise ValueError("the voxels read back differ from those written")
 
-    with atomic_path(path, suffix, overwrite=overwrite, verify=verify) as temporary, _c_stderr_to_debug_log():
-        sitk.WriteImage(image, str(temporary), True)
+    sidecar = _provenance.sidecar_of(path) if provenance is not None else None
+    outputs = ([(sidecar, ".json", None)] if sidecar else []) + [(path, suffix, verify)]  # the image last, see atomic_paths
+    with atomic_paths(outputs, overwrite) as temporaries, _c_stderr_to_debug_log():
+        if sidecar:
+            temporaries[0].write_text(_provenance.sidecar_json(provenance))
+        sitk.WriteImage(image, str(temporaries[-1]), True)
 
 
 @contextmanager
