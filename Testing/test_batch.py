@@ -130,6 +130,21 @@ def test_a_dicom_study_gets_one_dicom_seg_per_series(study, tiny_weights, segmen
     assert hd.seg.segread(root / "CT neck 3 segment.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID.endswith(".12")
 
 
+def test_a_series_without_frame_of_reference_fails_alone_in_a_dicom_seg_batch(study, tiny_weights, segment_calls, capsys):
+    """Audit D4 in a batch: the SEG of a series without FrameOfReferenceUID stopped the whole run as an internal error."""
+    pytest.importorskip("highdicom")
+    from test_dicom import axial_positions, write_series
+
+    root = study["dir"] / "dicom"
+    write_series(root / "a", axial_positions(range(0, 12, 2)), series_uid="1.2.826.0.1.3680043.8.498.11", description="CT head",
+                 frame_of_reference_uid=None)
+    write_series(root / "b", axial_positions(range(0, 6)), series_uid="1.2.826.0.1.3680043.8.498.12", description="CT neck")
+    assert batch(study, tiny_weights, str(root), "--output-format", "dicom-seg") == 2
+    assert sorted(p.name for p in root.glob("*.dcm")) == ["CT neck 3 segment.dcm"] and len(segment_calls) == 1
+    table = capsys.readouterr().out
+    assert "failed" in table and "needs the series' FrameOfReferenceUID" in table
+
+
 def test_a_dask_cluster_runs_the_batch(study, tiny_weights, segment_calls):
     distributed = pytest.importorskip("distributed")
     out = study["dir"] / "out"

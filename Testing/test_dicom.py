@@ -25,8 +25,9 @@ def linear(points: np.ndarray) -> np.ndarray:
 
 
 def write_series(folder, positions, row=(1, 0, 0), column=(0, 1, 0), series_uid=None, study_uid=None, description="axial",
-                 content=linear):
-    """Single-frame CT slices at `positions` (LPS), written in reverse order so reading must sort them."""
+                 content=linear, frame_of_reference_uid="1.2.826.0.1.3680043.8.498.2"):
+    """Single-frame CT slices at `positions` (LPS), written in reverse order so reading must sort them
+    (without a FrameOfReferenceUID when it is None, as some slice writers leave them)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or pydicom.uid.generate_uid()
     study_uid = study_uid or "1.2.826.0.1.3680043.8.498.1"
@@ -44,7 +45,8 @@ def write_series(folder, positions, row=(1, 0, 0), column=(0, 1, 0), series_uid=
         ds.StudyInstanceUID, ds.StudyID, ds.StudyDate, ds.StudyTime = study_uid, "1", "20260101", "120000"
         ds.AccessionNumber, ds.ReferringPhysicianName = "A1", ""
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription, ds.Modality = series_uid, 3, description, "CT"
-        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
+        if frame_of_reference_uid is not None:
+            ds.FrameOfReferenceUID = frame_of_reference_uid
         ds.InstanceNumber = number + 1
         ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *column)]
@@ -204,6 +206,24 @@ def test_segment_command_reads_a_series_and_writes_dicom_seg(tmp_path, tiny_weig
     seg = hd.seg.segread(output)
     assert seg.get_segment_description(1).segment_label == "lesion"
     assert seg.Rows == ROWS and seg.Columns == COLUMNS
+
+
+def test_dicom_seg_of_a_series_without_frame_of_reference_is_refused_before_any_work(tmp_path, tiny_weights, capsys, monkeypatch):
+    """Audit D4: highdicom's ValueError came after the computation, as an internal error (exit 1)."""
+    import weakicl.session
+
+    def never(*args, **kwargs):
+        raise AssertionError("segmented before the output was checked")
+
+    write_series(tmp_path / "series", axial_positions(np.arange(6) * 1.5), frame_of_reference_uid=None)
+    prompts = tmp_path / "boxes.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "boxes": [{"min": [3, 3, 2], "max": [9, 9, 2]}]}))
+    monkeypatch.setattr(weakicl.session.Segmenter, "segment", never)
+    assert main(["segment", str(tmp_path / "series"), "--prompts", str(prompts), "--output", str(tmp_path / "seg.dcm"),
+                 "--device", "cpu", "--weights", str(tiny_weights)]) == 2
+    assert capsys.readouterr().err.strip() == ("weakicl: error: seg.dcm: DICOM SEG output needs the series' FrameOfReferenceUID "
+                                               "(0020,0052), which its slices lack; write .seg.nrrd, .nii.gz, .nrrd or .mha instead")
+    assert not (tmp_path / "seg.dcm").exists()
 
 
 def test_segment_command_refuses_dicom_seg_for_a_nifti_target_before_any_work(tmp_path, tiny_weights, capsys):

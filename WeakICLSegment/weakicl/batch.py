@@ -159,11 +159,13 @@ def segment_one(segmenter, task, item: BatchInput, output: Path, classes: Sequen
                 align_context: bool = True, overwrite: bool = False, record: dict | None = None,
                 progress: Callable[[float, str], None] | None = None) -> tuple[str, str]:
     """(status, detail) of one input: done, skipped (published meanwhile by another run) or failed (bad input)."""
+    from .dicom import check_seg_target
     from .volume import write_mask
 
     names, values = [name for name, _ in classes], [value for _, value in classes]
     try:
         target = item.read()
+        check_seg_target(output, target.geometry)
         prediction = segmenter.segment(target, task, align_context=align_context, progress=progress)
         masks = prediction.label_map()[None] == np.arange(1, len(names) + 1)[:, None, None, None]
         write_mask(output, masks, target.geometry, names, values=values, overwrite=overwrite, provenance=record)

@@ -242,10 +242,17 @@ def _geometry(headers: list, name: str) -> tuple[Geometry, np.ndarray, SliceLayo
 
 
 def check_seg_target(output: str | os.PathLike, geometry: Geometry) -> None:
-    """Refuse DICOM SEG output for a target not read from DICOM, before any work is done."""
-    if str(output).lower().endswith(".dcm") and not isinstance(geometry, DicomGeometry):
+    """Refuse DICOM SEG output for a target not read from DICOM, or from a series without a Frame of
+    Reference, before any work is done. A SEG must carry its source images' FrameOfReferenceUID to lie
+    in their space; a new one made up here would claim a space no other object of the study shares."""
+    if not str(output).lower().endswith(".dcm"):
+        return
+    if not isinstance(geometry, DicomGeometry):
         raise InputError(f"{Path(output).name}: DICOM SEG output needs a DICOM series as the target; "
                          "write .seg.nrrd, .nii.gz, .nrrd or .mha instead")
+    if not all(header.get("FrameOfReferenceUID") for header in geometry.headers):
+        raise InputError(f"{Path(output).name}: DICOM SEG output needs the series' FrameOfReferenceUID (0020,0052), "
+                         "which its slices lack; write .seg.nrrd, .nii.gz, .nrrd or .mha instead")
 
 
 def write_dicom_seg(path: str | os.PathLike, masks: np.ndarray, geometry: Geometry, names: list[str],
