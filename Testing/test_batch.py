@@ -73,7 +73,8 @@ def test_a_killed_batch_resumes_with_only_the_missing_output(study, tiny_weights
     out.mkdir()
     assert batch(study, tiny_weights, str(study["images"]), "--out", str(out), "--output-format", "nii.gz") == 0
     assert len(segment_calls) == 3
-    (out / "case1 segment.nii.gz").unlink()  # the run was killed while writing case1: no output, a partial temporary file
+    (out / "case1 segment.nii.gz").unlink()  # the run was killed while writing case1: no output nor its provenance,
+    (out / "case1 segment.nii.gz.provenance.json").unlink()  # a partial temporary file
     dead = 2 ** 22 + 12345
     with pytest.raises(ProcessLookupError):
         os.kill(dead, 0)
@@ -97,6 +98,20 @@ def test_a_nifti_cut_short_inside_a_whole_gzip_stream_fails_that_volume_only(stu
     assert batch(study, tiny_weights, str(study["images"]), "--label", "blob") == 2
     assert sorted(p.name for p in study["images"].glob("*.seg.nrrd")) == ["case0 blob.seg.nrrd", "case2 blob.seg.nrrd"]
     assert len(segment_calls) == 2 and "case1.nii.gz is cut short" in capsys.readouterr().out
+
+
+def test_an_output_removed_without_its_provenance_sidecar_fails_and_says_why(study, tiny_weights, segment_calls, capsys):
+    """The sidecar is part of the output and is not replaced without --overwrite: a rerun said the output
+    was "written meanwhile by another run" and wrote nothing."""
+    assert batch(study, tiny_weights, str(study["images"]), "--output-format", "nii.gz") == 0
+    (study["images"] / "case1 segment.nii.gz").unlink()
+    capsys.readouterr()
+    assert batch(study, tiny_weights, str(study["images"]), "--output-format", "nii.gz") == 2
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("case1"))
+    assert "failed" in row and "case1 segment.nii.gz.provenance.json (the provenance of case1 segment.nii.gz) exists" in row
+    assert len(segment_calls) == 3
+    assert batch(study, tiny_weights, str(study["images"]), "--output-format", "nii.gz", "--overwrite") == 0
+    assert (study["images"] / "case1 segment.nii.gz").exists() and len(segment_calls) == 6
 
 
 def test_a_manifest_names_outputs_by_case_id(study, tiny_weights, segment_calls):

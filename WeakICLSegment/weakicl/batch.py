@@ -137,7 +137,9 @@ class Job:
 
 def plan_jobs(inputs: Sequence[BatchInput], segment_name: str, suffix: str, out: Path | None = None,
               overwrite: bool = False) -> list[Job]:
-    """Output paths by `output_name`, checked before any work; finished outputs marked skipped."""
+    """Output paths by `output_name`, checked before any work; finished outputs marked skipped, and those
+    whose provenance sidecar remains without them (removed by hand) failed, as it is not replaced without
+    `overwrite`."""
     from .atomic import remove_stale_temporaries
     from .volume import check_output_path
 
@@ -149,9 +151,14 @@ def plan_jobs(inputs: Sequence[BatchInput], segment_name: str, suffix: str, out:
     for folder in {job.output.parent for job in jobs}:
         remove_stale_temporaries(folder)  # the temporary files of a killed run
     for job in jobs:
-        check_output_path(job.output)
         if job.output.exists() and not overwrite:
+            check_output_path(job.output)
             job.status, job.detail = "skipped", "finished earlier"
+            continue
+        try:
+            check_output_path(job.output, overwrite)
+        except OutputExists as error:
+            job.status, job.detail = "failed", str(error)
     return jobs
 
 
