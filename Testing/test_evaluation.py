@@ -350,11 +350,32 @@ def test_the_network_only_ablation_leaves_clicks_to_the_network(synthetic_manife
     (("--manifest", "missing.json"), "manifest not found"),
     (("--method", "magic"), "unknown method 'magic'"),
     (("--protocol", "guess"), "unknown protocol 'guess'"),
+    (("--limit", "0"), r"--limit must be at least 1 \(cases per group\), got 0"),  # audit D5: an empty report, exit 0
+    (("--limit", "-1"), "--limit must be at least 1"),
 ])
 def test_bad_input_is_one_line_input_error(synthetic_manifest, tmp_path, argv, message):
     args = parse("--manifest", str(synthetic_manifest), "--out", str(tmp_path / "out"), "--method", "box-interp", *argv)
     with pytest.raises(InputError, match=message):
         run_evaluate(args)
+
+
+def test_an_earlier_evaluation_is_replaced_only_with_overwrite_and_q_hides_the_bars(synthetic_manifest, tmp_path, capsys):
+    """Audit D5: a rerun with the same --out replaced results.json and report.md without asking, and -q
+    still drew a progress bar per setting."""
+    from weakicl.cli import main
+
+    out = tmp_path / "out"
+    command = ["evaluate", "--manifest", str(synthetic_manifest), "--split", "validation", "--method", "box-interp",
+               "--out", str(out), "-q"]
+    assert main(command) == 0
+    assert capsys.readouterr().err == ""
+    results, report = (out / "results.json").read_bytes(), (out / "report.md").read_bytes()
+    assert main(command + ["--seed", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (f"weakicl: error: {out} holds an earlier evaluation (results.json, report.md); "
+                                               "pass --overwrite to replace it")
+    assert (out / "results.json").read_bytes() == results and (out / "report.md").read_bytes() == report
+    assert main(command + ["--seed", "5", "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["settings"]["seed"] == 5
 
 
 def test_baselines_on_two_real_validation_hippocampi(tmp_path):

@@ -13,12 +13,11 @@ def progress_bar(description: str):
     """A progress callback drawing one tqdm line per phase on stderr ("encoding context", "segmenting
     window", ...), each from 0 to 100 %, rather than one bar that reaches 100 % and starts again.
     Silent under -q (the "weakicl" logger above INFO) and when stderr is not a terminal."""
-    import logging
     import re
 
     from tqdm import tqdm
 
-    quiet = not logging.getLogger("weakicl").isEnabledFor(logging.INFO)
+    quiet = progress_hidden()
     current = {"phase": None, "bar": None}
 
     def update(fraction: float, message: str) -> None:
@@ -36,6 +35,13 @@ def progress_bar(description: str):
         bar.refresh()
 
     return update
+
+
+def progress_hidden() -> bool:
+    """True under -q: the "weakicl" logger is set above INFO, and progress bars stay silent with it."""
+    import logging
+
+    return not logging.getLogger("weakicl").isEnabledFor(logging.INFO)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,14 +7,16 @@ Imported when the `weakicl` parser is built, so heavy modules are imported insid
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, OutputExists
 from . import DEFAULT_METHODS, METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
 
 PATH_ARGUMENTS = ("manifest", "out", "weights")
+RESULTS, REPORT = "results.json", "report.md"  # what a run writes in --out, with figures/
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +44,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cross protocols: context subjects from the same collection (default) or from another "
                              "one with the same structure name (e.g. the abdominal CT as context for the abdominal MR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, context choice and bootstrap (default: 0)")
-    parser.add_argument("--limit", type=int, help="only the first N cases of each group (quick checks)")
+    parser.add_argument("--limit", type=int, help="only the first N cases of each group (quick checks; N >= 1)")
     parser.add_argument("--out", required=True, help="output folder for results.json, report.md and figures/")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results.json, report.md and figures/ of an earlier run in --out")
     add_model_arguments(parser)
 
 
@@ -83,9 +86,19 @@ def first_cases(structures: list, limit: int | None) -> list:
     return [s for s in structures if s.case.id in kept[s.group]]
 
 
+def check_evaluation_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before hours of work, to replace an earlier run's results without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for results.json, report.md and figures/")
+    earlier = [name for name in (RESULTS, REPORT) if os.path.lexists(out / name)]
+    if earlier and not overwrite:
+        raise OutputExists(f"{out} holds an earlier evaluation ({', '.join(earlier)}); pass --overwrite to replace it")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..cli_common import progress_hidden
     from ..provenance import portable_command, portable_path
     from .figures import draw_all
     from .manifest import MIN_VOXELS, load_case, read_manifest, select_structures, structure_mask, tuning_structures
@@ -94,6 +107,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .protocols import evaluate
     from .report import summarise, write_report, write_results
 
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1 (cases per group), got {args.limit}")
+    out = Path(args.out)
+    check_evaluation_output(out, args.overwrite)
     settings = expand_settings(args)
     cases, document = read_manifest(args.manifest)
     chosen = tuning_structures(cases, document) if args.tuning else select_structures(cases, document, args.split, args.unseen)
@@ -108,7 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     records = []
     for setting in settings:
-        progress = tqdm(evaluable, desc=setting.label, unit="structure", file=sys.stderr, mininterval=2.0)
+        progress = tqdm(evaluable, desc=setting.label, unit="structure", file=sys.stderr, mininterval=2.0, disable=progress_hidden())
         for structure in progress:
             progress.set_postfix_str(structure.key, refresh=False)
             records += [evaluate(method, structure, setting, evaluable) for method in methods]
@@ -133,10 +150,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "skipped_structures": [{"case": s.case.id, "label": s.value, "structure": s.name, "group": s.group} for s in skipped],
         "seconds_total": time.perf_counter() - started,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_results(out / "results.json", run, records, summary)
-    write_report(out / "report.md", run, [r.as_dict() for r in records], summary, draw_all(records, summary, out / "figures"))
+    write_results(out / RESULTS, run, records, summary)
+    write_report(out / REPORT, run, [r.as_dict() for r in records], summary, draw_all(records, summary, out / "figures"))
     print(f"evaluated {len(evaluable)} structures ({len(skipped)} skipped) in {run['seconds_total']:.0f} s; "
-          f"report: {out / 'report.md'}")
+          f"report: {out / REPORT}")
     return 0
