@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from weakicl.errors import WeightsError
-from weakicl.weights import card_path, load_weights
+from weakicl.weights import card_path, load_weights, save_weights, sha256_of
 
 
 def test_round_trip(tiny_weights, tiny_model):
@@ -46,7 +46,7 @@ def test_missing_file(tmp_path):
 def test_not_a_safetensors_file(copy):
     copy.write_bytes(b"\x80\x04pickle-ish garbage")
     card = json.loads(card_path(copy).read_text())
-    card.pop("sha256")
+    card["sha256"] = sha256_of(copy)
     card_path(copy).write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="cannot load"):
         load_weights(copy)
@@ -58,3 +58,36 @@ def test_card_describing_another_network(copy):
     card_path(copy).write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="cannot load"):
         load_weights(copy)
+
+
+def test_a_card_without_sha256_is_refused_not_trusted(copy):
+    """Audit D6: without the key the check was skipped, and weights with a flipped byte loaded."""
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    card = json.loads(card_path(copy).read_text())
+    card.pop("sha256")
+    card_path(copy).write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="model card w.json has no sha256, so w.safetensors cannot be checked"):
+        load_weights(copy)
+
+
+def test_a_card_that_is_not_an_object_is_a_weights_error(copy):
+    """Audit D7: a card holding a JSON list was an internal error (AttributeError)."""
+    card_path(copy).write_text("[1, 2]")
+    with pytest.raises(WeightsError, match="model card w.json is not a JSON object"):
+        load_weights(copy)
+
+
+def test_weights_with_nan_are_refused(tiny_model, tmp_path):
+    """Audit D6: all-NaN weights (a diverged run) with a matching card gave an empty mask and exit 0."""
+    import copy as copying
+
+    import torch
+
+    broken = copying.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    path = save_weights(broken, tmp_path / "nan.safetensors", {"name": "diverged"})
+    with pytest.raises(WeightsError, match=r"nan.safetensors: 1 of \d+ tensors hold NaN or infinite values \(.+ first"):
+        load_weights(path)

@@ -67,13 +67,22 @@ def save_weights(model, path: str | os.PathLike, card: dict) -> Path:
 
 
 def read_card(path: str | os.PathLike) -> dict:
+    """The model card of the weights at `path`, as a dict holding the sha256 they are checked against:
+    the card is the only record of it (`save_weights` writes it there), so a card without one is refused
+    rather than loading weights nobody can check."""
     card_file = card_path(path)
     if not card_file.is_file():
         raise WeightsError(f"model card missing: {card_file} (it must sit beside the weights)")
     try:
-        return json.loads(card_file.read_text())
+        card = json.loads(card_file.read_text())
     except json.JSONDecodeError as error:
         raise WeightsError(f"model card {card_file.name} is not valid JSON: {error}") from None
+    if not isinstance(card, dict):
+        raise WeightsError(f"model card {card_file.name} is not a JSON object (it holds a {type(card).__name__})")
+    if not isinstance(card.get("sha256"), str):
+        raise WeightsError(f"model card {card_file.name} has no sha256, so {Path(path).name} cannot be checked; "
+                           "use the card written with the weights")
+    return card
 
 
 def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
@@ -87,7 +96,7 @@ def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
     if not path.is_file():
         raise WeightsError(f"weights not found: {path} (set --weights or ${WEIGHTS_ENV})")
     card = read_card(path)
-    if card.get("sha256") and card["sha256"] != sha256_of(path):
+    if card["sha256"] != sha256_of(path):
         raise WeightsError(f"{path.name} is corrupt or was replaced: its sha256 does not match the model card")
     try:
         config = NetConfig(**card["architecture"])
@@ -98,4 +107,8 @@ def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
         raise WeightsError(f"model card of {path.name} does not describe a WeakICL network: {error}") from None
     except (SafetensorError, RuntimeError, OSError) as error:
         raise WeightsError(f"cannot load {path.name}: {str(error).splitlines()[0]}") from None
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise WeightsError(f"{path.name}: {len(broken)} of {len(state)} tensors hold NaN or infinite values ({broken[0]} first; a diverged "
+                           "training run?); the network would give empty masks")
     return model.to(device).eval(), card
