@@ -247,6 +247,18 @@ def test_demo_writes_segmentation_and_overlay(tmp_path, tiny_weights, capsys):
     assert "Dice" in capsys.readouterr().out
 
 
+def test_demo_refuses_a_file_as_out_and_leaves_no_folder_when_the_weights_fail(tmp_path, capsys):
+    """Audit D7/D9: --out naming a file was an internal error (FileExistsError), and bad weights left an
+    empty --out folder behind."""
+    existing = tmp_path / "notes.json"
+    existing.write_text("{}")
+    assert main(["demo", "--out", str(existing), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"weakicl: error: --out {existing} is a file; give a folder for the demo's files"
+    assert existing.read_text() == "{}"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--weights", str(tmp_path / "none.safetensors")]) == 2
+    assert "weights not found" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 def test_segment_a_shared_case_from_a_markups_box(tmp_path, tiny_weights):
     data = require_shared_data()
     manifest = json.loads((data / "manifest.json").read_text())

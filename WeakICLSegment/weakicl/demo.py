@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError, WriteError
 from .evaluation.metrics import dice
 from .simulation import slice_boxes
 from .volume import Geometry, Volume
@@ -60,7 +61,8 @@ def run_demo(out: Path, device: str = "auto", weights=None) -> int:
     from .session import Segmenter
     from .volume import write_mask, write_volume
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the demo's files")
     volume, truth = make_phantom()
     prompts = slice_boxes(truth, (0.25, 0.5, 0.75))
     started = time.perf_counter()
@@ -70,6 +72,10 @@ def run_demo(out: Path, device: str = "auto", weights=None) -> int:
     prediction = segmenter.segment(volume, task, target_prompts=prompts, progress=progress)
     seconds = time.perf_counter() - started
     mask = prediction.masks[0]
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails earlier (bad weights) leaves no empty folder
+    except OSError as error:
+        raise WriteError(f"cannot create {out}: {error.strerror or error}") from None
     write_volume(out / "phantom_image.nii.gz", volume)
     record = provenance(segmenter.card, "phantom_image.nii.gz", prompts, "phantom_prompts.json", (), ["phantom"])
     write_mask(out / "phantom_segmentation.seg.nrrd", mask, volume.geometry, ["phantom"], provenance=record)
