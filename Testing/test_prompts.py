@@ -88,6 +88,11 @@ def test_voxel_json(tmp_path):
     ({"markups": [{"type": "Curve", "controlPoints": []}]}, "unsupported markup"),
     ({"markups": [{"type": "Fiducial", "coordinateSystem": "XYZ", "controlPoints": []}]}, "coordinateSystem"),
     ({"something": 1}, "neither"),
+    # audit D8: "false" as a string counted as a positive point, and true as the coordinate 1
+    ({"points": [{"ijk": [5, 5, 5], "positive": "false"}]}, r'"positive" must be true or false, got "false"'),
+    ({"points": [{"ijk": [5, 5, 5], "positive": 0}]}, r'"positive" must be true or false, got 0'),
+    ({"points": [{"ijk": [True, 5, 5]}]}, r"coordinates must be numbers, got \[true, 5, 5\]"),
+    ({"boxes": [{"min": ["2", 2, 2], "max": [6, 6, 6]}]}, "coordinates must be numbers"),
 ])
 def test_bad_prompt_files(tmp_path, document, message):
     with pytest.raises(InputError, match=message):

@@ -177,8 +177,15 @@ def prompts_from_voxel_json(document: dict) -> PromptSet:
     if system != "IJK":
         raise InputError(f"voxel JSON must use coordinate_system IJK, not {system}")
     boxes = [Box(_vector(entry["min"]), _vector(entry["max"])) for entry in document.get("boxes", [])]
-    points = [Point(_vector(entry["ijk"]), bool(entry.get("positive", True))) for entry in document.get("points", [])]
+    points = [Point(_vector(entry["ijk"]), _sign(entry.get("positive", True))) for entry in document.get("points", [])]
     return PromptSet(boxes, points)
+
+
+def _sign(value) -> bool:
+    """A point's "positive" as JSON true or false: a string such as "false" would count as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f'"positive" must be true or false, got {json.dumps(value)}')
+    return value
 
 
 def prompts_from_markups(document: dict, geometry: Geometry, all_negative: bool = False) -> PromptSet:
@@ -213,6 +220,9 @@ def prompts_from_markups(document: dict, geometry: Geometry, all_negative: bool 
 
 
 def _vector(values) -> tuple[float, float, float]:
+    """Three coordinates given as JSON numbers (true would read as 1, "5" as 5)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"coordinates must be numbers, got {json.dumps(values)}")
     vector = tuple(float(v) for v in values)
     if len(vector) != 3:
         raise ValueError(f"expected 3 coordinates, got {len(vector)}")
