@@ -97,3 +97,40 @@ def test_shrink_factors_keep_the_coarsest_level_usable():
     assert shrink_factors((36, 50, 40)) == [2, 1]
     assert shrink_factors((300, 512, 512)) == [8, 4, 2]
     assert shrink_factors((10, 10, 10)) == [1]
+
+
+def test_registration_reports_its_iterations_and_a_cancel_stops_it():
+    image, organ = anatomy()
+    reference = Geometry.identity(image.shape, (1.0, 1.0, 1.0))
+    moved = resampled_onto(image, reference, reference, (3.0, -2.0, 1.0), order=1)
+    heard = []
+    registration.register_affine(image, reference, moved, reference, lambda fraction, message: heard.append((fraction, message)))
+    fractions = [fraction for fraction, _ in heard]
+    assert len(heard) > 10 and fractions == sorted(fractions) and 0.0 < fractions[-1] <= 1.0
+    assert {message for _, message in heard} == {"registering"}
+
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def cancel(fraction, message):
+        calls.append(fraction)
+        if len(calls) == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        registration.register_affine(image, reference, moved, reference, cancel)
+    assert len(calls) == 3  # the optimiser stopped at the cancel, not after all its iterations
+
+
+def test_atlas_progress_runs_across_references_as_one_bar():
+    image, organ = anatomy()
+    reference = Geometry.identity(image.shape, (1.0, 1.0, 1.0))
+    target = resampled_onto(image, reference, reference, (2.0, 0.0, -1.0), order=1)
+    items = [AtlasItem(image, reference, organ.astype(np.float32), key) for key in ("first", "second")]
+    heard = []
+    atlas_prior(items, target, reference, "target", lambda fraction, message: heard.append((fraction, message)))
+    fractions = [fraction for fraction, _ in heard]
+    assert fractions == sorted(fractions) and fractions[-1] > 0.5 and max(fractions) <= 1.0
+    assert any(message.startswith("aligning context 2/2 to the target: registering") for _, message in heard)

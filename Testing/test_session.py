@@ -6,6 +6,7 @@ import pytest
 from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
 from weakicl.prompts import MASK_CHANNEL, Point, PromptSet
+from weakicl import session
 from weakicl.session import CLICK_SEED_MM, Segmenter, TaskEmbedding
 from weakicl.simulation import slice_boxes, slice_fractions
 from weakicl.volume import Geometry, Volume
@@ -164,6 +165,20 @@ def test_a_target_without_prompts_starts_from_the_context_registered_onto_it(seg
     seen.clear()
     segmenter.segment(target, task, target_prompts=slice_boxes(truth))  # the user's own prompts say where
     assert max(seen) == 0.0
+
+
+def test_a_whole_volume_with_aligned_context_fills_one_progress_bar_class_by_class(segmenter, phantom):
+    volume, truth = phantom
+    target = Volume(np.roll(volume.array, 2, axis=1).copy(), volume.geometry, "MR")
+    task = TaskEmbedding.stack([segmenter.encode_context([(volume, truth)], name) for name in ("a", "b")])
+    heard = []
+    segmenter.segment(target, task, progress=lambda fraction, message: heard.append((fraction, message)))
+    fractions = [fraction for fraction, _ in heard]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # aligning, then both passes, never back
+    aligning = [(fraction, message) for fraction, message in heard if "aligning" in message]
+    assert aligning[0][1].startswith("a: aligning") and aligning[-1][1].startswith("b: aligning")
+    assert any(message.startswith("a: aligning context 1/1 to the target: registering") for _, message in aligning)
+    assert max(fraction for fraction, _ in aligning) <= session.ALIGNMENT_SHARE
 
 
 def test_stacking_keeps_each_class_atlas(segmenter, phantom):

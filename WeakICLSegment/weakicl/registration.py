@@ -60,10 +60,13 @@ def shrink_factors(shape_kji: Sequence[int]) -> list[int]:
     return usable[:LEVELS]
 
 
-def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.ndarray, fixed_geometry: Geometry):
+def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.ndarray, fixed_geometry: Geometry,
+                    progress: Callable[[float, str], None] = lambda fraction, message: None):
     """Affine transform mapping fixed physical points to moving ones (ITK's convention), started from
     aligned centres of mass (of the image grids when an image is blank); that start alone when the
-    optimiser fails."""
+    optimiser fails. `progress` hears every optimiser iteration (a large volume takes seconds); an
+    exception raised from it (Cancel) stops the optimiser and is raised once ITK has returned, since
+    ITK does not pass exceptions from its callbacks on."""
     import SimpleITK as sitk
 
     fixed_image = image_on_grid(_non_negative(fixed), fixed_geometry)
@@ -86,10 +89,27 @@ def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.nda
     method.SetSmoothingSigmasPerLevel([f / 2 for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(initial, inPlace=False)
+    raised: list[BaseException] = []
+
+    def report() -> None:
+        if raised:  # stopping ends one resolution level: stop each of the rest at its first iteration
+            method.StopRegistration()
+            return
+        done = (method.GetCurrentLevel() + method.GetOptimizerIteration() / ITERATIONS) / len(factors)
+        try:
+            progress(min(done, 1.0), "registering")
+        except BaseException as error:
+            raised.append(error)
+            method.StopRegistration()
+
+    method.AddCommand(sitk.sitkIterationEvent, report)
     try:
-        return method.Execute(fixed_image, moving_image)
+        transform = method.Execute(fixed_image, moving_image)
     except RuntimeError:  # e.g. too few overlapping samples: keep the centred start
-        return initial
+        transform = initial
+    if raised:
+        raise raised[0]
+    return transform
 
 
 def _non_negative(image: np.ndarray) -> np.ndarray:
@@ -113,14 +133,16 @@ def atlas_prior(items: Sequence[AtlasItem], target: np.ndarray, target_geometry:
     reference_grid = image_on_grid(np.zeros(target.shape, dtype=np.float32), target_geometry)
     total = np.zeros(target.shape, dtype=np.float32)
     for number, item in enumerate(items, 1):
-        progress((number - 1) / len(items), f"aligning context {number}/{len(items)} to the target")
+        step = f"aligning context {number}/{len(items)} to the target"
+        progress((number - 1) / len(items), step)
         pair = (item.key, target_key)
         if item.key == target_key:
             transform = sitk.Transform(3, sitk.sitkIdentity)
         elif transforms is not None and pair in transforms:
             transform = transforms[pair]
         else:
-            transform = register_affine(item.image, item.geometry, target, target_geometry)
+            transform = register_affine(item.image, item.geometry, target, target_geometry,
+                                        lambda fraction, message: progress((number - 1 + fraction) / len(items), f"{step}: {message}"))
             if transforms is not None:
                 transforms[pair] = transform
         moved = sitk.Resample(image_on_grid(item.prior, item.prior_geometry), reference_grid, transform, sitk.sitkLinear, 0.0)

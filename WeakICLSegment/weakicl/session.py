@@ -47,6 +47,7 @@ PREPARED_CACHE_SIZE = 4
 DEVICE_IMAGE_CACHE_SIZE = 2  # the volume being corrected and the one before: a 512x512x300 CT is 0.3 GB there
 TRANSFORM_CACHE_SIZE = 64
 MAX_WINDOW_BATCH = 16
+ALIGNMENT_SHARE = 0.2  # of a whole volume's progress bar: registering its context (the first class; later ones reuse it)
 PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this
 PRIOR_MARGIN_FRACTION = 0.25  # ... plus this fraction of its extent and ROI_MARGIN_VOXELS
 CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCut's seed radius, cost 0.017 on the hippocampus)
@@ -335,8 +336,13 @@ class Segmenter:
             return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
         priors, roi = None, None
+        start = 0.0
         if align_context and task.atlases:
-            priors = np.stack([atlas_prior(items, image, working, key, progress, self._transforms) for items in task.atlases])
+            aligning, count = _within(progress, 0.0, ALIGNMENT_SHARE), len(task.atlases)
+            priors = np.stack([atlas_prior(items, image, working, key, _named(_within(aligning, index / count, (index + 1) / count), name),
+                                           self._transforms)
+                               for index, (items, name) in enumerate(zip(task.atlases, task.names))])
+            start = ALIGNMENT_SHARE
             # the aligned context says where to look in a volume larger than one window (a tighter crop
             # than one window costs Dice: 0.720 -> 0.704 on 50 validation hippocampi, cross-weak k=1)
             roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, PRIOR_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self._window)
@@ -344,7 +350,8 @@ class Segmenter:
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         everywhere = (slice(None),) + roi
         refine = OWN_BOX_LEVEL is not None and not network_only
-        first_progress = _within(progress, 0.0, 0.5) if refine else progress
+        segmenting = _within(progress, start, 1.0)
+        first_progress = _within(segmenting, 0.0, 0.5) if refine else segmenting
         spacing_kji = np.asarray(grid.working_spacing_ijk, dtype=float)[::-1]
         probabilities[everywhere] = self._first_pass(image[roi], spacing_kji, task, first_progress,
                                                      None if priors is None else priors[everywhere],
@@ -358,7 +365,7 @@ class Segmenter:
                         for s, f, n in zip(roi, grid.scale_kji, target.geometry.shape_kji))
         original = original.astype(np.float32, copy=False)
         if refine:
-            changed = self._propagate_own_boxes(target, prepared, task, original, changed, _within(progress, 0.5, 1.0))
+            changed = self._propagate_own_boxes(target, prepared, task, original, changed, _within(segmenting, 0.5, 1.0))
         return Prediction(original, list(task.names), changed)
 
     @property
@@ -740,6 +747,11 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
 
 def _silent(fraction: float, message: str) -> None:
     """The progress callback of calls that were given none."""
+
+
+def _named(progress: ProgressCallback, name: str) -> ProgressCallback:
+    """`progress` with each message said of the class `name` (a whole volume aligns its classes one by one)."""
+    return lambda fraction, message: progress(fraction, f"{name}: {message}")
 
 
 def _within(progress: ProgressCallback, start: float, stop: float) -> ProgressCallback:
