@@ -48,6 +48,16 @@ def test_cross_subject_context_with_prompts_and_with_a_label_image(case):
         assert set(np.unique(read_label_map(output, case["geometry"]))) <= {0, value}  # the label image's value is kept
 
 
+def test_a_probability_map_or_the_image_itself_as_context_label_is_refused(case, capsys):
+    """A 0.5 voxel was rounded away without a word; the image given as its own label ran as ~135 classes."""
+    truth = read_label_map(case["label"]) > 0
+    soft = write_volume(case["dir"] / "soft.nrrd", Volume(np.where(truth, 0.5, 0.0).astype(np.float32), case["geometry"]))
+    for annotation, message in ((str(soft), "whole numbers, found 0.5"), (case["image"], "both the image and its annotation")):
+        output = case["dir"] / "out.nii.gz"
+        assert run(case, "--context", case["image"], annotation, "--output", str(output)) == 2
+        assert message in capsys.readouterr().err and not output.exists()
+
+
 def two_value_label(case, values, name="two.nrrd"):
     """The case's structure split in two halves along k, labelled with `values`."""
     truth = read_label_map(case["label"]) > 0

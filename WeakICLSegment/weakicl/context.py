@@ -35,6 +35,9 @@ def load_context(pairs: Sequence[Sequence[str | os.PathLike]], modality: str = "
     """[(image, prompts-or-label-image)] -> [(Volume, PromptSet | label array)], each checked on its image's grid."""
     items = []
     for image_path, annotation_path in pairs:
+        if os.path.abspath(image_path) == os.path.abspath(annotation_path):
+            raise InputError(f"{os.path.basename(image_path)} is given as both the image and its annotation: "
+                             "give its label image or prompts second")
         volume = read_volume(image_path, modality)
         if is_label_image(annotation_path):
             items.append((volume, read_label_map(annotation_path, volume.geometry)))

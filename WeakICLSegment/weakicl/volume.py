@@ -219,7 +219,12 @@ def read_label_map(path: str | os.PathLike, geometry: Geometry | None = None) ->
         volume = read_volume(path)
     if geometry is not None and not volume.geometry.same_grid(geometry, tolerance=1e-3):
         raise InputError(f"{Path(path).name}: the label image does not lie on the grid of its image")
-    return np.rint(volume.array).astype(np.int32)
+    whole = np.rint(volume.array)
+    fractional = volume.array[np.abs(volume.array - whole) > 1e-3]
+    if fractional.size:  # rounding would drop a probability map's voxels below 0.5 without a word
+        raise InputError(f"{Path(path).name}: a label image holds whole numbers, found {fractional.flat[0]:g} "
+                         "(threshold a probability map first)")
+    return whole.astype(np.int32)
 
 
 def _mask_suffix(path: Path) -> str:
