@@ -56,8 +56,13 @@ def test_card_describing_another_network(copy):
     card = json.loads(card_path(copy).read_text())
     card["architecture"]["channels"] = [8, 16, 32]
     card_path(copy).write_text(json.dumps(card))
-    with pytest.raises(WeightsError, match="cannot load"):
-        load_weights(copy)
+    with pytest.raises(WeightsError, match=r"does not fit the network its card describes: \S+ \(\d+(, \d+)*\) where the network has"):
+        load_weights(copy)  # names the first tensor that does not fit (it said only "Error(s) in loading state_dict")
+
+
+def test_the_card_given_as_weights_says_so(copy):
+    with pytest.raises(WeightsError, match="w.json is a model card: give the .safetensors weights file beside it"):
+        load_weights(card_path(copy))
 
 
 def test_a_card_without_sha256_is_refused_not_trusted(copy):

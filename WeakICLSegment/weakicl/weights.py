@@ -95,6 +95,8 @@ def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
     path = Path(path) if path is not None else default_weights_path()
     if not path.is_file():
         raise WeightsError(f"weights not found: {path} (set --weights or ${WEIGHTS_ENV})")
+    if path.suffix.lower() == ".json":
+        raise WeightsError(f"{path.name} is a model card: give the .safetensors weights file beside it")
     card = read_card(path)
     if card["sha256"] != sha256_of(path):
         raise WeightsError(f"{path.name} is corrupt or was replaced: its sha256 does not match the model card")
@@ -102,6 +104,12 @@ def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
         config = NetConfig(**card["architecture"])
         model = WeakICLNet(config)
         state = load_file(str(path), device="cpu")
+        misfit = [f"{name} {tuple(tensor.shape)} where the network has {tuple(expected[name].shape)}"
+                  for expected in [model.state_dict()] for name, tensor in state.items()
+                  if name in expected and expected[name].shape != tensor.shape]
+        if misfit:
+            raise WeightsError(f"{path.name} does not fit the network its card describes: {misfit[0]}"
+                               + (f" (and {len(misfit) - 1} more tensors)" if len(misfit) > 1 else ""))
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError) as error:
         raise WeightsError(f"model card of {path.name} does not describe a WeakICL network: {error}") from None
