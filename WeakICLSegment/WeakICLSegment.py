@@ -54,7 +54,6 @@ except ImportError:  # pip's slicer-core: MRML without the application; the Logi
 
 
 REQUIRED_PACKAGES = dependencies.REQUIRED_PACKAGES
-ProgressCallback = Callable[[float, str], None]
 
 
 class WeakICLSegment(ScriptedLoadableModule):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from weakicl.errors import InputError
+from weakicl.progress import ProgressCallback, silent
 from weakicl.prompts import PromptSet
 
 from . import masking
@@ -26,7 +27,6 @@ from .corrections import changed_prompts
 from .history import (ActiveSegment, EditHistory, PackedMask, Step, capture_segment_state, restore_segment_state,
                       still_as_left)
 
-ProgressCallback = Callable[[float, str], None]
 BankEntry = tuple  # (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode holding a snapshot, segment ID)
 BANK_ATTRIBUTE = "WeakICLSegment.BankSnapshot"
 UNSEGMENTABLE_CLASSES = {
@@ -35,10 +35,6 @@ UNSEGMENTABLE_CLASSES = {
     "vtkMRMLDiffusionWeightedVolumeNode": "a diffusion-weighted volume",
     "vtkMRMLDiffusionTensorVolumeNode": "a diffusion tensor volume",
 }
-
-
-def _silent(fraction: float, message: str) -> None:
-    """The progress callback of runs that were given none."""
 
 
 @dataclass
@@ -129,7 +125,7 @@ class SceneLogic:
     @staticmethod
     def run(job: Job, progress: Optional[ProgressCallback] = None):
         """A job in the calling thread: compute, then apply."""
-        return job.apply(job.compute(progress or _silent))
+        return job.apply(job.compute(progress or silent))
 
     def engineVolume(self, volumeNode):
         """The engine Volume of a node, reused while voxels and geometry are unchanged, so the
@@ -553,7 +549,7 @@ class SceneLogic:
         """Load a study's series one at a time (`loadSeries([uid])` gives node IDs; on the main thread:
         it writes the scene); `progress` may raise to cancel between series. Returns the segmentable
         volumes loaded and a message for each node left out (label maps, vector volumes, ...)."""
-        report = progress or _silent
+        report = progress or silent
         loaded = []
         for index, uid in enumerate(seriesUids):
             report(index / max(len(seriesUids), 1), f"loading series {index + 1}/{len(seriesUids)}")

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import InputError, OutputExists, WeakICLError
+from .progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def plan_jobs(inputs: Sequence[BatchInput], segment_name: str, suffix: str, out:
 
 def segment_one(segmenter, task, item: BatchInput, output: Path, classes: Sequence[tuple[str, int]],
                 align_context: bool = True, overwrite: bool = False, record: dict | None = None,
-                progress: Callable[[float, str], None] | None = None) -> tuple[str, str]:
+                progress: ProgressCallback | None = None) -> tuple[str, str]:
     """(status, detail) of one input: done, skipped (published meanwhile by another run) or failed (bad input)."""
     from .dicom import check_seg_target
     from .volume import write_mask
@@ -186,7 +187,7 @@ def segment_one(segmenter, task, item: BatchInput, output: Path, classes: Sequen
 
 def run_jobs(segmenter, task, jobs: Sequence[Job], classes: Sequence[tuple[str, int]], align_context: bool = True,
              overwrite: bool = False, record: Callable[[BatchInput, list[str]], dict] | None = None,
-             progress_for: Callable[[str], Callable[[float, str], None]] | None = None) -> list[Job]:
+             progress_for: Callable[[str], ProgressCallback] | None = None) -> list[Job]:
     """Segment every pending job in turn with one task; a bad input fails its job, not the batch."""
     pending = [job for job in jobs if job.status == "pending"]
     names = [name for name, _ in classes]

@@ -10,11 +10,12 @@ information (any modality or intensity scale), in physical LPS space, with Simpl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, MutableMapping, Sequence
+from typing import MutableMapping, Sequence
 
 import numpy as np
 
 from .preprocess import bounding_box
+from .progress import ProgressCallback, silent
 from .volume import Geometry, image_on_grid
 
 MIN_COARSE_VOXELS = 16  # the coarsest registration level keeps at least this many voxels per axis
@@ -61,7 +62,7 @@ def shrink_factors(shape_kji: Sequence[int]) -> list[int]:
 
 
 def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.ndarray, fixed_geometry: Geometry,
-                    progress: Callable[[float, str], None] = lambda fraction, message: None):
+                    progress: ProgressCallback = silent):
     """Affine transform mapping fixed physical points to moving ones (ITK's convention), started from
     aligned centres of mass (of the image grids when an image is blank); that start alone when the
     optimiser fails. `progress` hears every optimiser iteration (a large volume takes seconds); an
@@ -120,7 +121,7 @@ def _non_negative(image: np.ndarray) -> np.ndarray:
 
 
 def atlas_prior(items: Sequence[AtlasItem], target: np.ndarray, target_geometry: Geometry, target_key: str,
-                progress: Callable[[float, str], None] = lambda fraction, message: None,
+                progress: ProgressCallback = silent,
                 transforms: MutableMapping | None = None) -> np.ndarray:
     """Mean of the references' priors resampled onto the target grid (float32 in [0, 1]).
 

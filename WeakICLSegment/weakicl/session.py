@@ -17,7 +17,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +27,7 @@ from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
 from .geodesic import BACKGROUND_GAP_MM, GEODESIC_WEIGHT, HULL_GAPS, ellipsoid_element, geodesic_margin, seed_labels
+from .progress import ProgressCallback, silent
 from .preprocess import (WorkingGrid, bounding_box, linear_resample, normalize_intensity, pad_to_multiple, roi_around,
                          roi_from_bounds)
 from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, THIN_BOX_VOXELS, Box, Point, PromptSet, foreground_prior,
@@ -36,7 +37,6 @@ from .simulation import FULL_CONNECTIVITY, slice_boxes, slice_fractions
 from .volume import Geometry, Volume, volume_digest
 
 logger = logging.getLogger("weakicl")
-ProgressCallback = Callable[[float, str], None]
 ContextItem = tuple[Volume, "PromptSet | np.ndarray"]
 ROI_MARGIN_FRACTION = 0.5
 ROI_MARGIN_VOXELS = 12
@@ -207,7 +207,7 @@ class Segmenter:
         """Encode references (image + weak prompts or dense mask) into one task embedding, cached."""
         import torch
 
-        progress = progress or _silent
+        progress = progress or silent
         if not items:
             raise InputError("empty context: give at least one reference image with prompts or a mask")
         key = self._context_key(items, name)
@@ -322,7 +322,7 @@ class Segmenter:
         `network_only` turns all of these off, the second pass of whole volumes too: the network's output
         alone (the evaluation's ablation `model-network-only`).
         """
-        progress = progress or _silent
+        progress = progress or silent
         guided = (target_prompts is not None and not target_prompts.is_empty()) or previous is not None
         if guided and len(task.names) > 1:
             raise InputError("target prompts and corrections apply to one class: segment classes one at a time")
@@ -743,10 +743,6 @@ def _drop_components_off(values: np.ndarray, support: np.ndarray, level: float) 
     kept[np.unique(components[support > level])] = True  # only the supported voxels are looked at, not sorted all
     if not kept.all():
         values[~kept[components]] = 0.0
-
-
-def _silent(fraction: float, message: str) -> None:
-    """The progress callback of calls that were given none."""
 
 
 def _named(progress: ProgressCallback, name: str) -> ProgressCallback:
