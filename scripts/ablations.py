@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "ablations.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     groups = sorted({group for row in rows for group in row["dice"]})
-    lines = [f"# Inference-time ablations (propagate from 3 box slices, model only)", "", f"    {command}", "",
+    lines = ["# Inference-time ablations (propagate from 3 box slices, model only)", "", f"    {command}", "",
              "| variant | what | " + " | ".join(f"{g} Dice (n)" for g in groups) + " | seconds |",
              "|---|---|" + "---|" * len(groups) + "---|"]
     for row in rows:
