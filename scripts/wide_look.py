@@ -8,7 +8,8 @@ muscle compartments, brain sheets and lesions) that the network saw only as trai
 engine constant was chosen on. Each one with at least `--min-voxels` voxels is propagated from the
 evaluation's 3 slice boxes by the engine (`model`), the network alone (`model-network-only`) and box
 interpolation (`box-interp`), as `weakicl evaluate --protocol propagate` runs them, beside the share
-of the engine's structure seeds (`weakicl.adaptation.appearance_labels`) that lie in the structure.
+of the engine's structure seeds (`weakicl.adaptation.appearance_labels`) that lie in the structure and
+the network's own mean probability at them.
 Writes wide_look.json and wide_look.md (worst first) to `--out`: leads for what boxes alone cannot say,
 not a result to tune on.
 """
@@ -41,11 +42,16 @@ def other_labels(cases, document, min_voxels: int) -> list:
             and np.count_nonzero(structure_mask(s)) >= min_voxels]
 
 
-def seed_purity(trial, truth: np.ndarray) -> float | None:
-    """Share of the engine's structure seeds of the slice boxes (on the normalised image) in the structure."""
+def seeds_row(trial, truth: np.ndarray, segmenter) -> dict:
+    """The engine's structure seeds of the slice boxes (on the normalised image): the share in the
+    structure, and the network's own mean probability there (would it tell bad seeds?)."""
     image = normalize_intensity(trial.volume.array, trial.volume.modality)
     seeds = adaptation.appearance_labels(trial.prompts, image) == 1
-    return float(truth[seeds].mean()) if seeds.any() else None
+    if not seeds.any():
+        return {"seed_purity": None, "network_at_seeds": None}
+    task = segmenter.encode_context(trial.context, trial.structure.name)
+    network = segmenter.segment(trial.volume, task, trial.prompts, network_only=True).probabilities[0]
+    return {"seed_purity": float(truth[seeds].mean()), "network_at_seeds": float(network[seeds].mean())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for number, structure in enumerate(structures, 1):
         trial = build_trial(structure, settings, [])
         truth = structure_mask(structure)
-        row = {"structure": f"{structure.case.id}/{structure.value} {structure.name}", "voxels": int(truth.sum()),
-               "seed_purity": seed_purity(trial, truth)}
+        row = {"structure": f"{structure.case.id}/{structure.value} {structure.name}", "voxels": int(truth.sum())}
+        row |= seeds_row(trial, truth, methods[0].segmenter)
         row |= {method.name: dice(method.segment(trial, [], None), truth) for method in methods}
         rows.append(row)
         print(f"{number}/{len(structures)} {row['structure']}: " + " ".join(f"{m} {row[m]:.3f}" for m in METHODS), file=sys.stderr)
@@ -79,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
              f"    {command}", "",
              f"{len(rows)} structures; mean Dice: engine {means['model']:.3f}, network alone {means['model-network-only']:.3f}, "
              f"box interpolation {means['box-interp']:.3f}. The engine is below the boxes on {len(below)}. Seed purity: the "
-             "share of the engine's structure seeds (the typical part of each box's central half) inside the structure.", "",
-             "| structure | voxels | engine | network alone | box interpolation | seed purity |", "|---|---|---|---|---|---|"]
+             "share of the engine's structure seeds (the typical part of each box's central half) inside the structure; "
+             "network at seeds: the network's own mean probability there.", "",
+             "| structure | voxels | engine | network alone | box interpolation | seed purity | network at seeds |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        purity = "n/a" if row["seed_purity"] is None else f"{row['seed_purity']:.2f}"
+        seeds = ["n/a" if row[key] is None else f"{row[key]:.2f}" for key in ("seed_purity", "network_at_seeds")]
         lines.append(f"| {row['structure']} | {row['voxels']} | {row['model']:.3f} | {row['model-network-only']:.3f} | "
-                     f"{row['box-interp']:.3f} | {purity} |")
+                     f"{row['box-interp']:.3f} | {' | '.join(seeds)} |")
     (out / "wide_look.md").write_text("\n".join(lines) + "\n")
     print(out / "wide_look.md")
     return 0
