@@ -122,6 +122,20 @@ def test_a_truncated_image_is_refused_not_read_as_zeros(tmp_path, suffix):
         read_volume(path)
 
 
+def test_a_truncated_mha_is_one_line_without_itks_own_output(tmp_path, capfd):
+    """MetaIO printed its own two lines on the process's stderr, and the message ended with a stale errno
+    ("Reason: No such file or directory" for a file that is there)."""
+    geometry = oblique_geometry()
+    path = write_volume(tmp_path / "image.mha", Volume(np.ones(geometry.shape_kji, np.float32), geometry))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"cannot read image image.mha: .*\(cut short, damaged or not an image\?\)") as raised:
+        read_volume(path)
+    assert "No such file" not in str(raised.value) and "0x" not in str(raised.value)
+    assert capfd.readouterr().err == ""
+
+
 def cut_inside_a_whole_gzip_stream(path):
     """A .nii.gz whose gzip stream is complete but holds only the first half of the NIfTI file."""
     import gzip

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -168,9 +169,10 @@ def read_volume(path: str | os.PathLike, modality: str = "auto", series_uid: str
     except OSError:
         pass  # not gzip after all, or unreadable: ITK's reader says which
     try:
-        image = sitk.ReadImage(str(path))
+        with _c_stderr_to_debug_log("the image reader"):
+            image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise InputError(f"cannot read image {path}: {str(error).strip().splitlines()[-1]}") from None
+        raise InputError(f"cannot read image {path.name}: {_itk_reason(error)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name}: expected a scalar image, it has {image.GetNumberOfComponentsPerPixel()} components")
     if image.GetDimension() != 3:
@@ -343,16 +345,26 @@ def _write_atomically(image, path: Path, suffix: str, overwrite: bool, provenanc
 
     sidecar = _provenance.sidecar_of(path) if provenance is not None else None
     outputs = ([(sidecar, ".json", None)] if sidecar else []) + [(path, suffix, verify)]  # the image last, see atomic_paths
-    with atomic_paths(outputs, overwrite) as temporaries, _c_stderr_to_debug_log():
+    with atomic_paths(outputs, overwrite) as temporaries, _c_stderr_to_debug_log("the image writer"):
         if sidecar:
             temporaries[0].write_text(_provenance.sidecar_json(provenance))
         sitk.WriteImage(image, str(temporaries[-1]), True)
 
 
+def _itk_reason(error: RuntimeError) -> str:
+    """The line of an ITK reader's exception that says what is wrong: its "Reason:" line quotes the C
+    library's last errno, stale after a short read ("No such file or directory" for a file cut short)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip() and not line.startswith("Reason:")]
+    reason = lines[-1] if lines else "ITK could not read it"
+    reason = re.sub(r"\(0x[0-9a-f]+\)", "", reason.split("ITK ERROR: ", 1)[-1])  # the reader object's address
+    return f"{reason} (cut short, damaged or not an image?)"
+
+
 @contextmanager
-def _c_stderr_to_debug_log() -> Iterator[None]:
-    """ITK's NIfTI library prints its own failures ("** ERROR: NWAD: wrote only ...") on the process's
-    stderr; they go to the debug log instead, so a failed write reports one line (WriteError's)."""
+def _c_stderr_to_debug_log(source: str) -> Iterator[None]:
+    """ITK's image libraries print their own failures on the process's stderr (NIfTI's "** ERROR: NWAD:
+    wrote only ...", MetaIO's "data not read completely"); they go to the debug log instead, so a
+    failed read or write reports one line (the InputError's or WriteError's)."""
     try:
         saved, capture = os.dup(2), tempfile.TemporaryFile()
     except OSError:
@@ -369,7 +381,7 @@ def _c_stderr_to_debug_log() -> Iterator[None]:
         text = capture.read().decode(errors="replace").strip()
         capture.close()
         if text:
-            log.debug("from the image writer: %s", text)
+            log.debug("from %s: %s", source, text)
 
 
 def check_complete(path: str | os.PathLike) -> None:
