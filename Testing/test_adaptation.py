@@ -33,6 +33,31 @@ def test_central_voxels_that_look_like_the_surroundings_are_not_taken_as_structu
     assert np.all(flat[1][core] == 1)  # nothing tells them apart: the whole centre stands
 
 
+def test_a_negative_click_deep_in_the_previous_result_drops_the_box_centre_seeds_of_its_tissue():
+    """A box whose centre holds two tissues (the structure at 1.0, another organ at 0.0): a negative click
+    deep inside the previous result on the other organ says that tissue is not the structure; on the
+    previous result's border it says only where the border is, and leaves the seeds."""
+    from weakicl.prompts import Point
+
+    image = np.full((3, 60, 60), 0.5, np.float32)  # around the box: a third tissue
+    image[:, 15:46, 15:30] = 0.0  # the other organ: the left half of the box
+    image[:, 15:46, 30:46] = 1.0  # the structure: its right half
+    box = Box((15, 15, 1), (45, 45, 1))
+    previous = np.zeros(image.shape, bool)
+    previous[:, 15:46, 15:46] = True  # the previous result filled the box
+    before = appearance_labels(PromptSet([box]), image, previous)
+    assert np.any(before[1][:, :30] == 1) and np.any(before[1][:, 30:] == 1)  # both tissues are seeds
+    deep = appearance_labels(PromptSet([box], points=[Point((25, 30, 1), False)]), image, previous)
+    assert not np.any(deep[1][:, :30] == 1)  # the clicked tissue's seeds are unknown now (the click's own 0s aside)
+    assert np.array_equal(deep[1][:, 31:] == 1, before[1][:, 31:] == 1)  # the structure's seeds stand
+    on_border = appearance_labels(PromptSet([box], points=[Point((15, 30, 1), False)]), image, previous)
+    assert np.array_equal(on_border[1] == 1, before[1] == 1)  # one voxel inside: the seeds stand
+    unaware = appearance_labels(PromptSet([box], points=[Point((25, 30, 1), False)]), image)
+    expected = before.copy()
+    expected[0:3, 29:32, 24:27] = 0  # the click's own neighbourhood
+    assert np.array_equal(unaware == 1, expected == 1)  # without a previous result nothing else is dropped
+
+
 def test_3d_boxes_and_boxes_off_the_frame_label_nothing():
     assert np.all(appearance_labels(PromptSet([Box((2, 2, 2), (8, 8, 8))]), np.zeros((12, 12, 12))) == -1)
     assert np.all(appearance_labels(PromptSet([Box((2, 2, 40), (8, 8, 40))]), np.zeros((12, 12, 12))) == -1)

@@ -284,6 +284,26 @@ def test_a_click_is_a_seed_unless_the_network_alone_is_asked_for(segmenter, phan
     assert max(near, default=0.0) <= CLICK_SEED_MM + 1e-6  # without probe and geodesic, only the seed balls differ
 
 
+def test_a_correction_tells_the_probe_and_the_competition_where_the_previous_result_was(segmenter, phantom, monkeypatch):
+    """So that a negative click deep inside it can drop the box-centre seeds of its tissue
+    (`adaptation.CONTRADICTION_DEPTH`); propagation has no previous result to give."""
+    from weakicl import session
+
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    given = []
+    labels = session.appearance_labels
+    monkeypatch.setattr(session, "appearance_labels", lambda prompts, image, previous=None: given.append(previous) or labels(prompts, image, previous))
+    first = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+    assert len(given) == 2 and given == [None, None]  # the competition's seeds, the probe's labels
+    given.clear()
+    inside = tuple(float(c) for c in np.argwhere(first)[len(np.argwhere(first)) // 2][::-1])
+    click = PromptSet(points=[Point(inside, False)])
+    segmenter.segment(volume, task, boxes + click, first, new_prompts=click)
+    assert len(given) == 2 and all(previous is not None and previous.dtype == bool and previous.any() for previous in given)
+
+
 def test_a_correction_sampled_by_torch_on_the_device_gives_what_numpy_gives(segmenter, phantom, monkeypatch):
     """The CUDA path (frames sampled from the image and previous mask as tensors), run on the CPU."""
     volume, truth = phantom

@@ -1,6 +1,6 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.6/results.json \
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.8/results.json \
         reports/engine-0.6-network-only/results.json reports/engine-0.7-cross/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command

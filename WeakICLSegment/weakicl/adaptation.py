@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import ndimage
 
 from .prompts import PromptSet
 
@@ -29,18 +30,22 @@ CORE_TYPICALITY: float | None = 0.6  # an intensity's share p_inside / (p_inside
 # on training tasks (reports/tuning-typicality)
 MIN_CORE_KEPT = 0.1  # each box keeps at least this share of its central voxels, its most typical
 TYPICALITY_BINS = 32
+CONTRADICTION_DEPTH: float | None = 2.0  # frame voxels inside the previous result a negative click must lie
+CONTRADICTION_SPREAD = 0.5  # ... to drop the box-centre seeds within this share of their IQR of its intensity
 OUTSIDE_BAND = 0.5  # background samples within this fraction of the box size around it
 FEATURE_LEVELS = 3  # encoder levels whose features the probe reads (finest first)
 L2_PENALTY = 1e-2
 PROBE_ITERATIONS = 100
 
 
-def appearance_labels(frame_prompts: PromptSet, image: np.ndarray) -> np.ndarray:
+def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
     """int8 labels in frame voxels (KJI) of `image`: 1 the central part of each slice box, 0 just
     outside it (one voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3
     voxels of each point prompt its side, -1 unknown. Central voxels whose intensity is more typical of
     the boxes' surroundings than of their inside stay unknown (`_inside_share`): a box's centre is
-    not always the structure (a crescent, a ring, fat between organs). `frame_prompts` are in frame IJK
+    not always the structure (a crescent, a ring, fat between organs). With `previous` (a correction's
+    previous result in the frame), a negative click deep inside it also makes the box-centre seeds of its
+    tissue unknown (`_drop_contradicted_seeds`). `frame_prompts` are in frame IJK
     (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
     shape_kji = image.shape
     labels = np.full(shape_kji, -1, dtype=np.int8)
@@ -77,12 +82,34 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray) -> np.ndarray
                 score = share(values)
                 typical = score >= min(CORE_TYPICALITY, float(np.quantile(score, 1.0 - MIN_CORE_KEPT)))
                 labels[index][core] = np.where(typical, 1, -1)
+    if previous is not None and CONTRADICTION_DEPTH is not None:
+        _drop_contradicted_seeds(labels, frame_prompts, image, previous)
     for point in frame_prompts.points:  # a click says for sure what its voxel and its neighbours are
         centre = np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
         lo, hi = np.maximum(centre - 1, 0), np.minimum(centre + 2, shape_kji)
         if np.all(hi > lo):
             labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
     return labels
+
+
+def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray) -> None:
+    """In place: box-centre seeds (label 1) of a negative click's intensity, within CONTRADICTION_SPREAD
+    of their interquartile range, become unknown when the click lies at least CONTRADICTION_DEPTH frame
+    voxels inside the `previous` result: the user says a tissue the boxes' centres hold is not the
+    structure (the centre of a crescent, a ring or loops of bowel), so those seeds must not pull it
+    back. A click on the border of the previous result (a shell of one voxel) says where the border
+    is, not which tissue is wrong, and leaves the seeds as they are."""
+    negatives = [point for point in frame_prompts.points if not point.positive]
+    seeds = labels == 1
+    if not negatives or not seeds.any():
+        return
+    depth = ndimage.distance_transform_edt(np.pad(previous, 1))[1:-1, 1:-1, 1:-1]
+    low, high = np.percentile(image[seeds], [25, 75])
+    spread = CONTRADICTION_SPREAD * max(float(high - low), 1e-6)
+    for point in negatives:
+        voxel = tuple(np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int))
+        if all(0 <= v < n for v, n in zip(voxel, image.shape)) and depth[voxel] >= CONTRADICTION_DEPTH:
+            labels[seeds & (np.abs(image - image[voxel]) <= spread)] = -1
 
 
 def _inside_share(insides: list[np.ndarray], bands: list[np.ndarray]):

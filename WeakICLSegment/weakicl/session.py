@@ -456,7 +456,8 @@ class Segmenter:
             margin = self._geodesic_margin(structure, structure_image, prompts, previous_source, self.device)
             if margin is not None and structure is not frame:
                 margin = structure.resample_into(margin, frame, fill=0.0)  # beyond it the network decides, as beyond the hull
-            framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin)
+            previous_frame = channels[MASK_CHANNEL] > 0.5 if previous_mask is not None else None
+            framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin, previous_frame)
             if previous_mask is None:  # propagation: the boxes, their hull and positive points say where
                 _drop_components_off(framed[0], foreground_prior(channels), 0.0)
         region = frame.region(target.geometry.shape_kji)
@@ -471,13 +472,13 @@ class Segmenter:
         return Prediction(probabilities, list(task.names), region)
 
     def _adapted_to_image(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
-                          encoded: list, margin: np.ndarray | None) -> np.ndarray:
+                          encoded: list, margin: np.ndarray | None, previous: np.ndarray | None = None) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with two terms added to its logits:
         APPEARANCE_WEIGHT times a probe of the encoder's features fitted to what the slice boxes and
         clicks say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT, and GEODESIC_WEIGHT times
         the geodesic `margin` in the frame (`weakicl.geodesic`; None: none). `encoded` is the padded frame
         on the device and its encoder levels, as the sliding window left them."""
-        labels = appearance_labels(frame_prompts, image)
+        labels = appearance_labels(frame_prompts, image, previous)
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
         logits = np.log(clipped / (1.0 - clipped))
         if np.any(labels == 1) and np.any(labels == 0):
@@ -504,11 +505,13 @@ class Segmenter:
         geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
         undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS,
                                                slices_per_voxel_ijk=frame.step_kji[::-1])) > 0.5
+        previous_frame = None
         if previous is not None:
-            undecided |= _host(frame.sample(previous, fill=0.0)) > 0.5  # sample converts only what the frame reaches
+            previous_frame = _host(frame.sample(previous, fill=0.0)) > 0.5  # sample converts only what the frame reaches
+            undecided |= previous_frame
         radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
         undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
-        sure = appearance_labels(frame_prompts, image)
+        sure = appearance_labels(frame_prompts, image, previous_frame)
         margin = geodesic_margin(image, seed_labels(sure, undecided), device)
         if margin is not None:  # beyond the hull the network decides: a lone or bunched box does not cap the structure
             margin[~undecided & (sure != 0)] = 0.0
