@@ -58,6 +58,21 @@ def test_a_negative_click_deep_in_the_previous_result_drops_the_box_centre_seeds
     assert np.array_equal(unaware == 1, expected == 1)  # without a previous result nothing else is dropped
 
 
+def test_a_click_s_depth_is_read_from_its_neighbourhood_as_a_distance_transform_would_give_it():
+    from scipy import ndimage
+
+    from weakicl.adaptation import _inside_by
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        shape = tuple(int(n) for n in rng.integers(3, 12, 3))
+        mask = ndimage.binary_dilation(rng.random(shape) > 0.7, iterations=int(rng.integers(0, 3)))
+        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]  # beyond the array: outside
+        for voxel in map(tuple, rng.integers(0, shape, (5, 3))):
+            for at_least in (1.0, 1.5, 2.0, 2.5, 3.0):
+                assert _inside_by(mask, voxel, at_least) == (depth[voxel] >= at_least)
+
+
 def test_3d_boxes_and_boxes_off_the_frame_label_nothing():
     assert np.all(appearance_labels(PromptSet([Box((2, 2, 2), (8, 8, 8))]), np.zeros((12, 12, 12))) == -1)
     assert np.all(appearance_labels(PromptSet([Box((2, 2, 40), (8, 8, 40))]), np.zeros((12, 12, 12))) == -1)

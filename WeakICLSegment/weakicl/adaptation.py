@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
 
 from .prompts import PromptSet
 
@@ -85,7 +84,7 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
     if previous is not None and CONTRADICTION_DEPTH is not None:
         _drop_contradicted_seeds(labels, frame_prompts, image, previous)
     for point in frame_prompts.points:  # a click says for sure what its voxel and its neighbours are
-        centre = np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
+        centre = _nearest_voxel_kji(point)
         lo, hi = np.maximum(centre - 1, 0), np.minimum(centre + 2, shape_kji)
         if np.all(hi > lo):
             labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
@@ -103,13 +102,30 @@ def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image
     seeds = labels == 1
     if not negatives or not seeds.any():
         return
-    depth = ndimage.distance_transform_edt(np.pad(previous, 1))[1:-1, 1:-1, 1:-1]
     low, high = np.percentile(image[seeds], [25, 75])
     spread = CONTRADICTION_SPREAD * max(float(high - low), 1e-6)
     for point in negatives:
-        voxel = tuple(np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int))
-        if all(0 <= v < n for v, n in zip(voxel, image.shape)) and depth[voxel] >= CONTRADICTION_DEPTH:
+        voxel = tuple(_nearest_voxel_kji(point))
+        if all(0 <= v < n for v, n in zip(voxel, image.shape)) and _inside_by(previous, voxel, CONTRADICTION_DEPTH):
             labels[seeds & (np.abs(image - image[voxel]) <= spread)] = -1
+
+
+def _nearest_voxel_kji(point) -> np.ndarray:
+    """The voxel (KJI) nearest a point prompt given in IJK."""
+    return np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
+
+
+def _inside_by(mask: np.ndarray, voxel: tuple[int, int, int], depth: float) -> bool:
+    """Whether no voxel outside `mask` (beyond the array counts as outside) lies nearer `voxel` than
+    `depth` voxels: a distance transform's value there at least `depth`, read from the few voxels around
+    it instead of transforming a whole frame on every correction."""
+    reach = int(np.ceil(depth))
+    window = np.zeros((2 * reach + 1,) * 3, dtype=bool)
+    lo = np.asarray(voxel) - reach
+    source = tuple(slice(max(a, 0), min(a + 2 * reach + 1, n)) for a, n in zip(lo, mask.shape))
+    window[tuple(slice(s.start - a, s.stop - a) for s, a in zip(source, lo))] = mask[source]
+    offsets = np.indices(window.shape) - reach
+    return not np.any(~window & (np.sqrt((offsets**2).sum(axis=0)) < depth))
 
 
 def _inside_share(insides: list[np.ndarray], bands: list[np.ndarray]):
