@@ -62,7 +62,7 @@ def writable(segmentation_node, segment_id: str, geometry: Geometry, settings: E
     that block, and only the other segments' voxels there are read. The editable intensity range is of
     the Segment Editor's source volume: another volume than `image`'s is resampled onto `geometry`."""
     region = region or (slice(None),) * 3
-    shape = np.zeros(geometry.shape_kji, dtype=bool)[region].shape
+    shape = tuple(len(range(*block.indices(size))) for block, size in zip(region, geometry.shape_kji))  # no whole-volume array
     segmentation_node_class = slicer.vtkMRMLSegmentationNode
     editor_class = slicer.vtkMRMLSegmentEditorNode
     others = [sid for sid in bridge.segment_ids(segmentation_node) if sid != segment_id]
