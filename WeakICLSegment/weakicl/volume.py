@@ -28,6 +28,7 @@ from .atomic import atomic_paths
 from .errors import InputError, OutputExists
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+NIFTI_HEADER_BYTES = 540  # a NIfTI-2 header; a NIfTI-1 header is its first 348 bytes
 MASK_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")  # .dcm: DICOM SEG, for DICOM targets
 MAX_LABEL_VALUE = int(np.iinfo(np.uint16).max)  # label maps are written as uint8, or uint16 above 255
 MAX_NON_FINITE_FRACTION = 0.01  # more NaN/Inf voxels than this is a broken image, not a few bad voxels
@@ -402,9 +403,6 @@ def check_complete(path: str | os.PathLike) -> None:
         with open(path, "rb") as handle:
             header = handle.read(NIFTI_HEADER_BYTES)
         _check_nifti_size(header, path.stat().st_size)
-
-
-NIFTI_HEADER_BYTES = 540  # a NIfTI-2 header; a NIfTI-1 header is its first 348 bytes
 
 
 def _check_nifti_size(header: bytes, size: int) -> None:

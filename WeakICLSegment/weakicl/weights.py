@@ -104,9 +104,9 @@ def load_weights(path: str | os.PathLike | None = None, device: str = "cpu"):
         config = NetConfig(**card["architecture"])
         model = WeakICLNet(config)
         state = load_file(str(path), device="cpu")
+        expected = model.state_dict()
         misfit = [f"{name} {tuple(tensor.shape)} where the network has {tuple(expected[name].shape)}"
-                  for expected in [model.state_dict()] for name, tensor in state.items()
-                  if name in expected and expected[name].shape != tensor.shape]
+                  for name, tensor in state.items() if name in expected and expected[name].shape != tensor.shape]
         if misfit:
             raise WeightsError(f"{path.name} does not fit the network its card describes: {misfit[0]}"
                                + (f" (and {len(misfit) - 1} more tensors)" if len(misfit) > 1 else ""))
