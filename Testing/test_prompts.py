@@ -8,7 +8,7 @@ import pytest
 from conftest import oblique_geometry
 from weakicl.errors import InputError
 from weakicl.prompts import Box, Point, PromptSet, box_hull, clip_box, rasterize, read_prompts
-from weakicl.simulation import corrective_click, slice_boxes
+from weakicl.simulation import corrective_click, largest_component, slice_boxes
 from weakicl.volume import Geometry
 
 
@@ -248,3 +248,16 @@ def test_clicks_found_in_the_error_s_bounding_box_are_those_of_the_whole_array()
                 continue
             kji, positive = whole_array_click(prediction, truth, jitter, np.random.default_rng(seed))
             assert click.positive == positive and tuple(int(c) for c in click.ijk[::-1]) == tuple(int(c) for c in kji)
+
+
+def test_largest_component_keeps_the_biggest_26_connected_part():
+    mask = np.zeros((10, 10, 10), dtype=bool)
+    mask[0:2, 0:2, 0:2] = True  # 8 voxels
+    mask[5:8, 5:8, 5:8] = True  # 27 voxels
+    mask[4, 4, 4] = True  # touches the cube only at a corner: 26-connected to it
+    largest = largest_component(mask)
+    assert largest.sum() == 28 and largest[4, 4, 4] and not largest[0, 0, 0]
+    twins = np.zeros((4, 4, 9), dtype=bool)
+    twins[:2, :2, :2] = twins[:2, :2, 6:8] = True  # equal sizes: the first in label order
+    assert largest_component(twins)[0, 0, 0] and not largest_component(twins)[0, 0, 6]
+    assert not largest_component(np.zeros((3, 3, 3), dtype=bool)).any()

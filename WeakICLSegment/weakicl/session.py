@@ -33,7 +33,7 @@ from .preprocess import (WorkingGrid, bounding_box, linear_resample, normalize_i
 from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, THIN_BOX_VOXELS, Box, Point, PromptSet, foreground_prior,
                       rasterize)
 from .registration import AtlasItem, atlas_prior
-from .simulation import FULL_CONNECTIVITY, slice_boxes, slice_fractions
+from .simulation import FULL_CONNECTIVITY, largest_component, slice_boxes, slice_fractions
 from .volume import Geometry, Volume, volume_digest
 
 logger = logging.getLogger("weakicl")
@@ -665,9 +665,8 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     if bounds is None:
         return None
     crop = tuple(slice(lo, hi + 1) for lo, hi in zip(*bounds))  # labelled there only: not the whole volume
-    components, count = ndimage.label(sure[crop], FULL_CONNECTIVITY)
     largest = np.zeros(sure.shape, dtype=bool)
-    largest[crop] = components == 1 + int(np.argmax(ndimage.sum_labels(sure[crop], components, range(1, count + 1))))
+    largest[crop] = largest_component(sure[crop])
     single = np.flatnonzero(sizes_kji == 1)
     axis_kji = int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
     size_ijk = sizes_kji[::-1]

@@ -14,6 +14,18 @@ from .prompts import Box, Point, PromptSet
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of `mask` (the first of equals; empty when `mask` is). Sizes
+    come from one bincount: `ndimage.sum_labels` over thousands of components of a noisy whole-volume
+    mask took 0.25 s of a 256³ volume's 0.83 s on a GPU machine."""
+    components, count = ndimage.label(mask, FULL_CONNECTIVITY)
+    if count < 2:
+        return components > 0
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
 def slice_fractions(slices: int) -> tuple[float, ...]:
     """Evenly spaced interior fractions of the extent: 3 slices -> 25%, 50%, 75%."""
     return tuple((n + 1) / (slices + 1) for n in range(slices))

@@ -17,7 +17,7 @@ from ..geodesic import BACKGROUND_GAP_MM, ellipsoid_element
 from ..preprocess import normalize_intensity
 from ..prompts import PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior, mask_channels, rasterize
 from ..registration import AtlasItem, atlas_prior
-from ..simulation import FULL_CONNECTIVITY
+from ..simulation import largest_component
 from ..volume import Geometry, Volume, volume_digest
 from .protocols import Method, NotApplicable, Settings, Trial
 
@@ -237,9 +237,7 @@ class OtsuThreshold(BaselineMethod):
         level = threshold_otsu(inside)
         centres = [image[_shrunken(box)].mean() for box in crop.prompts.boxes]
         chosen = hull & ((image > level) if np.mean(centres) > level else (image <= level))
-        components, count = ndimage.label(chosen, FULL_CONNECTIVITY)
-        if count > 1:
-            chosen = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+        chosen = largest_component(chosen)
         return crop.paste(chosen, trial.volume.geometry.shape_kji)
 
 
