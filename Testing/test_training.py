@@ -266,7 +266,7 @@ def test_one_shot_runs_warm_up_from_their_first_step_and_decay_with_the_clock():
     assert 0.95e-3 < learning_rate(config, 9_000) < 1e-3  # by steps: 9 % of total_steps, near the peak
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02", "cpu_v02b", "cpu_v02c", "gpu_v02", "gpu_v03"])
+@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02", "cpu_v02b", "cpu_v02c", "gpu_v02", "gpu_v03", "gpu_v04"])
 def test_every_shipped_config_builds_its_network_and_sampler(name):
     from conftest import REPO
     from weakicl.network import NetConfig
@@ -281,3 +281,19 @@ def test_every_shipped_config_builds_its_network_and_sampler(name):
     if name == "cpu_v02":  # continues the shipped checkpoint with framing: same parameters, framing in the card
         shipped = NetConfig(**TrainConfig.from_file(REPO / "configs" / "cpu.json").net)
         assert {**net.to_dict(), "extra": {}} == shipped.to_dict() and net.extra["framing"]["extent_voxels"] > 0
+
+
+def test_a_trimmed_cache_fits_its_budget_and_keeps_validation_and_small_collections(tiny_cache, tmp_path):
+    from weakicl.errors import InputError
+    from weakicl.training.data import load_cases, read_index, trim_cache
+
+    index = read_index(tiny_cache)
+    files = {entry["id"]: (tiny_cache / entry["file"]).stat().st_size for entry in index["cases"]}
+    budget = sum(files.values()) - files["case1"] // 2  # one training case too many
+    assert trim_cache(tiny_cache, tmp_path / "trimmed", budget) == {"toy": 1}
+    trimmed = read_index(tmp_path / "trimmed")
+    assert len(trimmed["cases"]) == len(index["cases"]) - 1 and "case4" in {entry["id"] for entry in trimmed["cases"]}
+    assert sum(path.stat().st_size for path in (tmp_path / "trimmed").rglob("*") if path.is_file()) <= budget
+    assert len(load_cases(tmp_path / "trimmed", "train")) == 3 and len(load_cases(tmp_path / "trimmed", "validation")) == 1
+    with pytest.raises(InputError, match="does not fit"):
+        trim_cache(tiny_cache, tmp_path / "too_small", files["case4"])

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/gpu_v02.json")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seconds", type=float, default=20.0, help="per source")
+    parser.add_argument("--cache", help="the real-data cache (default: the config's)")
     parser.add_argument("--batch", type=int, help="device episodes per call (default: the config's device share of a step)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -51,8 +52,9 @@ def main() -> None:
     report = {"config": args.config, "patch_size": list(net.patch_size), "threads": torch.get_num_threads()}
     synthetic = EpisodeSampler(episodes, net.patch_size, net.working_spacing_mm, config.seed)
     report["numpy_synthetic_per_worker"] = rate(lambda: [synthetic.sample(np.random.default_rng([0, next(step)]))] and 1, args.seconds)
-    if config.cache:
-        real = CachedSubjects(load_cases(config.cache, "train"), net.patch_size, config.collection_weights,
+    cache = args.cache or config.cache
+    if cache:
+        real = CachedSubjects(load_cases(cache, "train"), net.patch_size, config.collection_weights,
                               episodes.fit_fraction, episodes.frame_fill)
         sampler = EpisodeSampler(episodes, net.patch_size, net.working_spacing_mm, config.seed, real)
         sampler.config.synthetic_fraction = 0.0

@@ -7,7 +7,8 @@
 #
 # usage: scripts/gpu_train.sh [MINUTES]      (default 8)
 # env:   CONFIG (configs/gpu_v03.json), DEVICE (cuda), RESUME (model_weights/checkpoint; empty: from scratch),
-#        STEPS (override total_steps), RUN (working folder, .cache/gpu_run), OUT (results, runs/gpu_out),
+#        STEPS (override total_steps), CACHE (override the config's cache: scripts/gpu_bundle.sh's
+#        .cache/gpu_bundle/train_arrays), RUN (working folder, .cache/gpu_run), OUT (results, runs/gpu_out),
 #        BENCH_SECONDS (5: seconds per episode source of scripts/benchmark_episodes.py, into throughput.json; 0: skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +27,11 @@ fi
 rm -rf "$run/checkpoint" "$run/episode_sources.json"
 mkdir -p "$run"
 if [ "${BENCH_SECONDS:-5}" != 0 ]; then
-    python3 scripts/benchmark_episodes.py --config "$config" --device "$device" --seconds "${BENCH_SECONDS:-5}" > "$run/episode_sources.json"
+    python3 scripts/benchmark_episodes.py --config "$config" --device "$device" --seconds "${BENCH_SECONDS:-5}" \
+        ${CACHE:+--cache "$CACHE"} > "$run/episode_sources.json"
 fi
 python3 -m weakicl.cli train --config "$config" --out "$run" --device "$device" --minutes "$minutes" \
-    ${resume:+--resume "$resume"} ${STEPS:+--steps "$STEPS"}
+    ${resume:+--resume "$resume"} ${STEPS:+--steps "$STEPS"} ${CACHE:+--cache "$CACHE"}
 
 python3 - "$run" "${resume:-}" "$device" <<'PY'
 import json, sys

@@ -11,6 +11,8 @@ Patches are cut at sampling time (`CachedSubjects`), so one cache serves every p
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,43 @@ def prepare_cache(manifest: str | Path, out_dir: str | Path, spacing_mm: float =
     path = out_dir / "index.json"
     path.write_text(json.dumps(index, indent=1) + "\n")
     return path
+
+
+def trim_cache(source: str | Path, destination: str | Path, max_bytes: int, seed: int = 0) -> dict[str, int]:
+    """A copy of the cache at `source` in at most `max_bytes`, for a bundle with a size limit (the lent
+    GPU's 64 MiB): training cases leave one at a time, at random, from whichever collection has the most
+    left, so the smaller collections and every validation case stay. Files are hard links where the
+    file system allows. Returns the training cases dropped per collection."""
+    source, destination = Path(source), Path(destination)
+    index = read_index(source)
+    entries = list(index["cases"])
+    sizes = {entry["id"]: (source / entry["file"]).stat().st_size for entry in entries}
+    rng = np.random.default_rng(seed)
+    dropped: dict[str, int] = {}
+
+    def total() -> int:
+        return sum(sizes[entry["id"]] for entry in entries) + len(json.dumps(index | {"cases": entries}))
+
+    while total() > max_bytes:
+        training: dict[str, list[dict]] = {}
+        for entry in entries:
+            if entry["split"] == TRAIN:
+                training.setdefault(entry["collection"], []).append(entry)
+        collection, members = max(training.items(), key=lambda item: len(item[1]), default=(None, []))
+        if len(members) < 2:
+            raise InputError(f"{source} does not fit in {max_bytes / 2**20:.1f} MiB with a training case of each collection")
+        entries.remove(members[int(rng.integers(len(members)))])
+        dropped[collection] = dropped.get(collection, 0) + 1
+    if destination.exists():
+        shutil.rmtree(destination)
+    (destination / "cases").mkdir(parents=True)
+    for entry in entries:
+        try:
+            os.link(source / entry["file"], destination / entry["file"])
+        except OSError:
+            shutil.copy2(source / entry["file"], destination / entry["file"])
+    (destination / "index.json").write_text(json.dumps(index | {"cases": entries}))
+    return dropped
 
 
 FRAME_SCALE_JITTER = (0.8, 1.2)  # framed patches: the structure's size varies as prompted extents do
