@@ -197,6 +197,81 @@ def test_a_refine_reads_the_other_segments_only_where_the_engine_recomputed(logi
         assert not (after & organ & ~before)[changed].any()  # overwrite-all still honoured inside the region
 
 
+class SlicerWrites:
+    """Slicer's segmentations logic, every call passed through, noting how many voxels each labelmap
+    handed to SetBinaryLabelmapToSegment holds."""
+
+    def __init__(self, real):
+        self.real, self.voxels = real, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def SetBinaryLabelmapToSegment(self, labelmap, *args):
+        self.voxels.append(labelmap.GetNumberOfPoints())
+        return self.real.SetBinaryLabelmapToSegment(labelmap, *args)
+
+
+def test_a_refine_hands_slicer_only_its_region_and_leaves_every_other_voxel_and_segment_bit_identical(logic, scene, monkeypatch):
+    volume = add_volume(scene)
+    segmentation = logic.createSegmentation(volume)
+    marker = np.zeros(GEOMETRY.shape_kji, bool)
+    marker[2:6, 3:9, 4:12] = True  # drawn first: the liver comes second in its labelmap layer (label value 2)
+    others = {bridge.write_segment(segmentation, marker, GEOMETRY, "marker"): marker}
+    segment_id = logic.segment(volume, segmentation, "liver").segmentId
+    changed = (slice(10, 20), slice(20, 40), slice(25, 45))
+    organ = np.zeros(GEOMETRY.shape_kji, bool)
+    organ[12:24, 30:50, 20:30] = True  # partly inside the refined region: the liver will overlap it there
+    others[bridge.write_segment(segmentation, organ, GEOMETRY, "organ")] = organ
+    edited = mask_of(segmentation, segment_id)
+    edited[30:33, 50:55, 5:9] = True  # a Segment Editor paint outside the region, kept by the refine
+    bridge.write_segment(segmentation, edited, GEOMETRY, "liver", segment_id)
+    spy_on_segment(logic, monkeypatch, changed)  # the engine answers "all foreground" in `changed`
+    writes = SlicerWrites(slicer.vtkSlicerSegmentationsModuleLogic)
+    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", writes)
+    click(logic, volume, (32, 30, 18))
+    logic.refine(volume)
+    assert writes.voxels and set(writes.voxels) == {region_size(changed)}, "only the region is handed to Slicer"
+    after = mask_of(segmentation, segment_id)
+    outside = np.ones(GEOMETRY.shape_kji, dtype=bool)
+    outside[changed] = False
+    assert after[changed].all()
+    np.testing.assert_array_equal(after[outside], edited[outside])
+    for other_id, other in others.items():
+        np.testing.assert_array_equal(mask_of(segmentation, other_id), other)
+    logic.undo()
+    np.testing.assert_array_equal(mask_of(segmentation, segment_id), edited)
+    logic.redo()
+    np.testing.assert_array_equal(mask_of(segmentation, segment_id), after)
+    for other_id, other in others.items():
+        np.testing.assert_array_equal(mask_of(segmentation, other_id), other)
+    hand = after.copy()
+    hand[1, 60, 60] = True  # an edit outside the region after the module's last step
+    bridge.write_segment(segmentation, hand, GEOMETRY, "liver", segment_id)
+    with pytest.raises(InputError, match="Segment Editor"):
+        logic.undo()
+
+
+def test_a_packed_mask_updated_in_a_region_is_what_packing_the_whole_updated_mask_gives():
+    from WeakICLSegmentLib.history import PackedMask
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 9, 3))
+        mask = np.zeros(shape, bool)
+        lo = rng.integers(0, shape)
+        box = tuple(slice(int(a), int(rng.integers(a, n + 1))) for a, n in zip(lo, shape))
+        mask[box] = rng.random(mask[box].shape) < rng.choice([0.0, 0.3, 1.0])
+        lo = rng.integers(0, shape)
+        region = tuple(slice(int(a), int(rng.integers(a, n + 1))) for a, n in zip(lo, shape))
+        block = rng.random(mask[region].shape) < rng.choice([0.0, 0.5, 1.0])
+        packed = PackedMask.pack(mask)
+        np.testing.assert_array_equal(packed.unpack(), mask)
+        np.testing.assert_array_equal(packed.unpack(region), mask[region])
+        mask[region] = block
+        assert packed.with_block(region, block).same_as(PackedMask.pack(mask))
+
+
 def test_a_refine_finishing_after_the_scene_was_closed_writes_nothing_into_the_next_scene(logic, scene, caplog):
     volume = add_volume(scene)
     logic.segment(volume, None, "liver")

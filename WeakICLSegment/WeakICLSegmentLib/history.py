@@ -24,27 +24,74 @@ class PackedMask:
     bits: np.ndarray
 
     @classmethod
+    def empty(cls, shape: tuple[int, int, int]) -> PackedMask:
+        return cls(tuple(shape), (0, 0, 0), (0, 0, 0), np.zeros(0, dtype=np.uint8))
+
+    @classmethod
     def pack(cls, mask: np.ndarray) -> PackedMask:
         mask = np.asarray(mask, dtype=bool)
-        occupied = np.argwhere(mask)
-        if len(occupied) == 0:
-            return cls(mask.shape, (0, 0, 0), (0, 0, 0), np.zeros(0, dtype=np.uint8))
-        lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
-        box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        return cls(mask.shape, tuple(int(v) for v in lo), box.shape, np.packbits(box.ravel()))
+        bounds = _nonzero_bounds(mask)
+        if bounds is None:
+            return cls.empty(mask.shape)
+        box = mask[_slices(*bounds)]
+        return cls(mask.shape, tuple(int(v) for v in bounds[0]), box.shape, np.packbits(box.ravel()))
 
-    def unpack(self) -> np.ndarray:
-        mask = np.zeros(self.shape, dtype=bool)
-        count = int(np.prod(self.box_shape))
-        if count:
-            box = np.unpackbits(self.bits, count=count).astype(bool).reshape(self.box_shape)
-            region = tuple(slice(start, start + size) for start, size in zip(self.offset, self.box_shape))
-            mask[region] = box
+    def unpack(self, region: Optional[tuple] = None) -> np.ndarray:
+        """The whole (K, J, I) mask, or with `region` (slices k, j, i) only that block of it, at the
+        cost of the block and the bounding box, not of the volume."""
+        starts, stops = _span(region, self.shape)
+        mask = np.zeros(stops - starts, dtype=bool)
+        offset = np.array(self.offset)
+        lo, hi = np.maximum(offset, starts), np.minimum(offset + self.box_shape, stops)
+        if np.prod(self.box_shape) and np.all(hi > lo):
+            mask[_slices(lo - starts, hi - starts)] = self._box()[_slices(lo - offset, hi - offset)]
         return mask
+
+    def with_block(self, region: tuple, block: np.ndarray) -> PackedMask:
+        """This mask with `region` (slices k, j, i) set to `block`, as `pack` of the updated whole mask
+        gives it (same box, same bits), working on the bounding box and the region only."""
+        starts, stops = _span(region, self.shape)
+        offset = np.array(self.offset)
+        occupied = bool(np.prod(self.box_shape))
+        lo = np.minimum(offset, starts) if occupied else starts
+        hi = np.maximum(offset + self.box_shape, stops) if occupied else stops
+        hull = np.zeros(hi - lo, dtype=bool)
+        if occupied:
+            hull[_slices(offset - lo, offset - lo + self.box_shape)] = self._box()
+        hull[_slices(starts - lo, stops - lo)] = block
+        bounds = _nonzero_bounds(hull)
+        if bounds is None:
+            return PackedMask.empty(self.shape)
+        box = hull[_slices(*bounds)]
+        return PackedMask(self.shape, tuple(int(v) for v in lo + bounds[0]), box.shape, np.packbits(box.ravel()))
+
+    def _box(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.box_shape))).astype(bool).reshape(self.box_shape)
 
     def same_as(self, other: Optional[PackedMask]) -> bool:
         return (other is not None and self.shape == other.shape and self.offset == other.offset
                 and self.box_shape == other.box_shape and np.array_equal(self.bits, other.bits))
+
+
+def _nonzero_bounds(mask: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(lo, hi) KJI of a (K, J, I) mask's nonzero bounding box (hi exclusive), None when it is empty;
+    from projections, much faster than listing every voxel's index (argwhere) on a whole volume."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(ks) == 0:
+        return None
+    plane = mask[ks[0] : ks[-1] + 1].any(axis=0)  # (J, I)
+    js, is_ = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return np.array([ks[0], js[0], is_[0]]), np.array([ks[-1], js[-1], is_[-1]]) + 1
+
+
+def _span(region: Optional[tuple], shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) KJI of a block given as slices k, j, i (None: the whole shape)."""
+    bounds = [block.indices(size)[:2] for block, size in zip(region or (slice(None),) * 3, shape)]
+    return np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+
+
+def _slices(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice]:
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 @dataclass

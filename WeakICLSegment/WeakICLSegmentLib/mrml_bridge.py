@@ -362,9 +362,9 @@ def _on_segmentation_lattice(segmentation, labelmap):
     image_to_node, lattice_to_node = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(image_to_node)
     lattice.GetImageToWorldMatrix(lattice_to_node)
-    dimensions = np.array(labelmap.GetDimensions())
-    corners = np.array([[a, b, c, 1.0] for a in (-0.5, dimensions[0] - 0.5) for b in (-0.5, dimensions[1] - 0.5)
-                        for c in (-0.5, dimensions[2] - 0.5)])
+    extent = np.array(labelmap.GetExtent()).reshape(3, 2)  # IJK first and last voxel
+    corners = np.array([[a, b, c, 1.0] for a in extent[0] + (-0.5, 0.5) for b in extent[1] + (-0.5, 0.5)
+                        for c in extent[2] + (-0.5, 0.5)])
     corners_ijk = (np.linalg.inv(numpy_matrix(lattice_to_node)) @ numpy_matrix(image_to_node) @ corners.T)[:3].T
     lo, hi = np.ceil(corners_ijk.min(axis=0) - 1e-6).astype(int), np.floor(corners_ijk.max(axis=0) + 1e-6).astype(int)
     lattice.SetExtent(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
@@ -445,6 +445,50 @@ def write_segment(segmentation_node, mask: np.ndarray, geometry: Geometry, name:
     return segment_id
 
 
+def write_segment_block(segmentation_node, block: np.ndarray, geometry: Geometry, region: tuple, segment_id: str) -> bool:
+    """Set an existing segment to `block` inside `region` (slices k, j, i of `geometry`; `block` is that
+    block, K, J, I), leaving its voxels outside the region and every other segment as they were, at a
+    cost that scales with the region rather than the volume. Returns False, having written nothing,
+    where only `write_segment` can write it: no such segment, a segmentation not kept as binary
+    labelmaps, or a segmentation or segment layer on another voxel lattice than `geometry`'s (the
+    block would have to be resampled, spilling over the region's border)."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    # 5.4+ call it the source representation; 5.0-5.3 the master representation
+    source = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    if segment is None or source() != _labelmap_name():
+        return False
+    (k0, k1, _), (j0, j1, _), (i0, i1, _) = (part.indices(n) for part, n in zip(region, geometry.shape_kji))
+    if k1 <= k0 or j1 <= j0 or i1 <= i0:
+        return True
+    ijk_to_node = np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()
+    extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)  # the region's voxels in the IJK of `geometry`
+
+    def modifier(value: int):
+        labelmap = _oriented_image(np.asarray(block, dtype=bool).astype(np.min_scalar_type(value)) * value, ijk_to_node)
+        labelmap.SetExtent(*extent)
+        return labelmap
+
+    labelmap = modifier(1)
+    layer = segment.GetRepresentation(_labelmap_name())
+    if (layer is None or _on_segmentation_lattice(segmentation, labelmap) is not labelmap
+            or not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, layer)):
+        return False
+    register_segmentation_converters()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # MODE_REPLACE clears the whole segment first when it shares its labelmap layer. A minimum removes the
+    # segment where the block is 0 (moving it to a layer of its own where the block would cover another
+    # segment), then a maximum adds it where the block is 1: Slicer takes the larger voxel value there,
+    # so the block carries the segment's label value in its layer (read after the minimum, which may
+    # have moved it)
+    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+        if mode == logic.MODE_MERGE_MAX:
+            labelmap = modifier(segment.GetLabelValue())
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode, extent):
+            raise RuntimeError(f"Slicer refused to write segment '{segment.GetName()}'")
+    return True
+
+
 def segment_ids(segmentation_node) -> list[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
@@ -452,25 +496,44 @@ def segment_ids(segmentation_node) -> list[str]:
 
 def read_segment(segmentation_node, segment_id: str, geometry: Geometry, region: Optional[tuple] = None) -> np.ndarray:
     """A segment resampled (nearest neighbour) onto `geometry`, as a bool array (K, J, I); with `region`
-    (slices k, j, i of `geometry`) only that block of it, and only that much work. A segment kept only
-    as a closed surface is converted for this read; the segmentation is left as it is."""
+    (slices k, j, i of `geometry`) only that block of it, and only that much work where the segment's
+    labelmap layer is on `geometry`'s lattice. A segment kept only as a closed surface is converted for
+    this read; the segmentation is left as it is."""
     (k0, k1, _), (j0, j1, _), (i0, i1, _) = (part.indices(n) for part, n in zip(region or (slice(None),) * 3, geometry.shape_kji))
+    reference = slicer.vtkOrientedImageData()  # the geometry only: nothing allocated
+    reference.SetImageToWorldMatrix(vtk_matrix(np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()))
+    reference.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
     labelmap = slicer.vtkOrientedImageData()
-    if segmentation_node.GetSegmentation().ContainsRepresentation(_labelmap_name()):
+    if segmentation.ContainsRepresentation(_labelmap_name()):
+        layer = segment.GetRepresentation(_labelmap_name()) if segment is not None else None
+        if layer is not None and slicer.vtkOrientedImageDataResample.DoGeometriesMatch(layer, reference):
+            return _label_block(layer, segment.GetLabelValue(), np.array([k0, j0, i0]), np.array([k1, j1, i1]))
         read = segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
     else:  # converts a copy of this one segment, in the segmentation node's coordinates
         read = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
             segmentation_node, segment_id, labelmap, False)
     if not read:
-        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f"segment '{segment.GetName() if segment else segment_id}' of '{segmentation_node.GetName()}' "
                          "cannot be read as a binary labelmap: convert it in the Segmentations module")
     shape = (k1 - k0, j1 - j0, i1 - i0)
     if labelmap.IsEmpty():
         return np.zeros(shape, dtype=bool)
-    reference = slicer.vtkOrientedImageData()  # the geometry only: nothing allocated
-    reference.SetImageToWorldMatrix(vtk_matrix(np.linalg.inv(to_world_matrix(segmentation_node)) @ geometry.ijk_to_ras_matrix()))
-    reference.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
     return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
+
+
+def _label_block(layer, label_value: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> np.ndarray:
+    """Where a labelmap layer holds `label_value` in the block [lo, hi) KJI of its own lattice, False
+    outside its extent: what Slicer's threshold of the layer resampled onto that block gives, read in
+    place from the layer's voxels inside the block only."""
+    block = np.zeros(hi_kji - lo_kji, dtype=bool)
+    first, last = np.array(layer.GetExtent()).reshape(3, 2)[::-1].T  # KJI of the layer's first and last voxel
+    lo, hi = np.maximum(lo_kji, first), np.minimum(hi_kji, last + 1)
+    if np.all(hi > lo):
+        voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(last - first + 1)
+        block[tuple(slice(a, b) for a, b in zip(lo - lo_kji, hi - lo_kji))] = (
+            voxels[tuple(slice(a, b) for a, b in zip(lo - first, hi - first))] == label_value)
+    return block

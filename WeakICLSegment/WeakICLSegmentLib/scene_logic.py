@@ -342,26 +342,33 @@ class SceneLogic:
     def _write(self, subject: ActiveSegment, name: str, prediction: np.ndarray, region: Optional[tuple], target,
                newSegment: bool) -> None:
         """Write a prediction as one undoable step, where the Segment Editor's settings let it, keeping
-        hand edits made since the module last wrote this segment; only `region` changes (None: all), and
-        the masking and hand-edit work is done there only. A new segment starts with no corrections."""
+        hand edits made since the module last wrote this segment; only `region` (slices k, j, i of the
+        target) changes (None: all), and the masking, hand-edit and writing work is done there only
+        where the segmentation's lattice allows it. A new segment starts with no corrections."""
         before = self._capture(subject, name, None)
         if newSegment:
             self.clearCorrections(self.scene.GetNodeByID(subject.targetId))
         segmentationNode = self.scene.GetNodeByID(subject.segmentationId)
         key = (subject.segmentationId, subject.segmentId)
         geometry = target.geometry
+        partial = region is not None and before.state.mask is not None
         region = region or (slice(None),) * 3
-        current = before.state.mask.unpack() if before.state.mask is not None else np.zeros(geometry.shape_kji, bool)
+        mask = before.state.mask if before.state.mask is not None else PackedMask.empty(geometry.shape_kji)
+        current = mask.unpack(region)
         allowed = masking.writable(segmentationNode, subject.segmentId, geometry, masking.edit_settings(self.scene, segmentationNode),
                                    target.array, subject.targetId, region)
         written = self._written.get(key)
-        result = current.copy()
-        result[region] = masking.compose(prediction[region], current[region], allowed,
-                                         written.unpack()[region] if written is not None and not newSegment else None)
-        bridge.write_segment(segmentationNode, result, geometry, name, subject.segmentId)
-        # as read back on the target's grid: `result`, unless the segmentation's own lattice differs, and
-        # then the round trip through it must not pass for a hand edit
-        self._written[key] = PackedMask.pack(bridge.read_segment(segmentationNode, subject.segmentId, geometry))
+        block = masking.compose(prediction[region], current, allowed,
+                                written.unpack(region) if written is not None and not newSegment else None)
+        # what is left is read back on the target's grid, so that a round trip through another lattice
+        # never passes for a hand edit
+        if partial and bridge.write_segment_block(segmentationNode, block, geometry, region, subject.segmentId):
+            self._written[key] = mask.with_block(region, bridge.read_segment(segmentationNode, subject.segmentId, geometry, region))
+        else:
+            result = mask.unpack()
+            result[region] = block
+            bridge.write_segment(segmentationNode, result, geometry, name, subject.segmentId)
+            self._written[key] = PackedMask.pack(bridge.read_segment(segmentationNode, subject.segmentId, geometry))
         self.history.record(before._replace(expected=self._written[key]))
         self._activate(subject.targetId, subject)
 
