@@ -606,3 +606,53 @@ def test_hull_and_mask_go_on_past_the_image_edge_boxes_and_points_do_not():
         else:
             assert np.all(beyond == 0.0)
     assert np.all(padded[:, :, :4] == 0.0)  # nothing reached the J edge: nothing goes on there
+
+
+def test_point_slice_boxes_are_drawn_around_the_component_at_each_point_on_the_points_slices():
+    from weakicl.session import point_slice_boxes
+
+    mask = np.zeros((12, 20, 24), dtype=bool)
+    mask[2:10, 4:12, 3:15] = True  # the structure
+    mask[2:10, 15:18, 18:22] = True  # something else on the same slices, at no point: no box around it
+    points = [Point((8.0, 7.0, 3.0), True), Point((9.0, 8.0, 6.0), True), Point((20.0, 16.0, 6.0), False)]
+    boxes = point_slice_boxes(mask, points, (1.0, 1.0, 1.0))  # the points spread along K: axial slices 3 and 6
+    assert [(box.lo_ijk, box.hi_ijk) for box in boxes] == [((3.0, 4.0, 3.0), (14.0, 11.0, 3.0)), ((3.0, 4.0, 6.0), (14.0, 11.0, 6.0))]
+    across_i = point_slice_boxes(mask, [Point((4.0, 6.0, 5.0), True), Point((12.0, 6.0, 5.0), True)], (1.0, 1.0, 1.0))
+    assert [box.lo_ijk[0] for box in across_i] == [4.0, 12.0] and all(box.thin_axes() == [0] for box in across_i)
+    dot = np.zeros((12, 20, 24), dtype=bool)
+    dot[5, 9, 9] = True  # one voxel: widened into a slice box, across the coarsest axis for a lone point
+    (box,) = point_slice_boxes(dot, [Point((9.0, 9.0, 5.0), True)], (1.0, 1.0, 3.0))
+    assert box.thin_axes() == [2] and np.subtract(box.hi_ijk, box.lo_ijk)[:2].tolist() == [2.0, 2.0]
+    assert point_slice_boxes(dot, [Point((1.0, 1.0, 1.0), True)], (1.0, 1.0, 1.0)) == []  # nothing at the point
+    assert point_slice_boxes(mask, [Point((8.0, 7.0, 3.0), False)], (1.0, 1.0, 1.0)) == []  # no positive point
+
+
+def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(segmenter, phantom, monkeypatch):
+    from weakicl.session import POINT_BOX_ROUNDS, point_slice_boxes
+
+    volume, truth = phantom
+    points = PromptSet(points=[Point((9.0, 10.0, float(k)), True) for k in (4, 6, 8)])
+    task = segmenter.encode_context([(volume, points)], "s")
+    calls, framed = [], segmenter._segment_framed
+
+    def recorded(target, prepared, task, prompts, *rest):
+        prediction = framed(target, prepared, task, prompts, *rest)
+        calls.append((prompts, prediction.probabilities[0] >= 0.5))
+        return prediction
+
+    monkeypatch.setattr(segmenter, "_segment_framed", recorded)
+    fractions = []
+    prediction = segmenter.segment(volume, task, points, progress=lambda fraction, message: fractions.append(fraction))
+    assert len(calls) == 1 + POINT_BOX_ROUNDS >= 2 and calls[0][0] is points
+    for (_, before), (prompts, _) in zip(calls, calls[1:]):  # each round: the points, and boxes around the pass before
+        assert prompts.points == points.points
+        assert prompts.boxes == point_slice_boxes(before, points.points, volume.geometry.spacing) != []
+    np.testing.assert_array_equal(prediction.masks[0], calls[-1][1])
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # one progress bar for all passes
+    calls.clear()
+    segmenter.segment(volume, task, PromptSet(boxes=slice_boxes(truth, slice_fractions(3)).boxes, points=points.points))
+    assert len(calls) == 1  # boxes say how far the structure reaches: one pass
+    calls.clear()
+    segmenter.segment(volume, task, points, network_only=True)
+    segmenter.segment(volume, task, points, previous=calls[-1][1], new_prompts=PromptSet(points=[points.points[0]]))
+    assert len(calls) == 2  # the network alone, and a correction: one pass each

@@ -81,6 +81,13 @@ OWN_BOX_REFINE_AGREEMENT = 0.9
 # CT <-> MR cross-weak 0.280 / 0.298 / 0.295 and cross-dense 0.336 / 0.346 / 0.342, but the brain MR's
 # cerebral sheets 0.503 / 0.479 / 0.454 (`python scripts/own_boxes.py`, reports/own-boxes-rounds)
 OWN_BOX_SLICES = 4
+# points alone say where a structure is, not how far it reaches: prompted by points only, the network outlines
+# little of it (one central point on each of 3 slices, tuning structures: other 0.338, hippocampi 0.690). So
+# slice boxes are drawn around what that pass holds at each positive point, on the points' own slices, and
+# propagated with the points (the boxes' probe and competition), this many times: other structures 0.338 ->
+# 0.434 -> 0.450 (3 rounds 0.457), hippocampi 0.690 -> 0.762 -> 0.761 (0.761) for 1 and 2 rounds
+# (`python scripts/point_boxes.py`, reports/point-boxes); 0: the first pass stands
+POINT_BOX_ROUNDS = 2
 
 
 @dataclass
@@ -310,7 +317,9 @@ class Segmenter:
         unless `align_context` is False, each class starts from its context registered to the target;
         then each class is propagated again from slice boxes drawn around what that first pass is sure
         of, where the two agree, and again from the boxes of that result (`_propagate_own_boxes`), the
-        first pass coarse where its search region exceeds one window. In propagation and whole volumes, of
+        first pass coarse where its search region exceeds one window. Positive points without a box are
+        propagated again, POINT_BOX_ROUNDS times, from slice boxes drawn around what the pass before holds
+        at the points, on their slices (`_propagate_point_boxes`). In propagation and whole volumes, of
         several components those that nowhere reach what the prompts or the registered context point to
         are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
@@ -333,7 +342,9 @@ class Segmenter:
         if new_prompts is not None and target_prompts is None:
             all_prompts = new_prompts
         if guided:
-            return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
+            if previous is not None or network_only or not _points_only(all_prompts) or not POINT_BOX_ROUNDS:
+                return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
+            return self._propagate_point_boxes(target, prepared, task, all_prompts, progress)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
         priors, roi = None, None
         start = 0.0
@@ -423,6 +434,23 @@ class Segmenter:
                 regions.append(second.changed_kji)
         progress(1.0, "fitted to the volume's own slice boxes")
         return tuple(slice(min(r[axis].start for r in regions), max(r[axis].stop for r in regions)) for axis in range(3))
+
+    def _propagate_point_boxes(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet,
+                               progress: ProgressCallback) -> Prediction:
+        """Propagation from points alone: the points' own pass, then POINT_BOX_ROUNDS passes from slice
+        boxes drawn around what the pass before holds at each positive point (`point_slice_boxes`),
+        with the points kept. A round whose boxes cannot be drawn leaves the pass before it standing."""
+        passes = POINT_BOX_ROUNDS + 1
+        prediction = self._segment_framed(target, prepared, task, prompts, None, None, _within(progress, 0.0, 1.0 / passes), False)
+        for round_ in range(1, passes):
+            boxes = point_slice_boxes(prediction.probabilities[0] >= 0.5, prompts.points, target.geometry.spacing)
+            if not boxes:
+                break
+            step = _within(progress, round_ / passes, (round_ + 1) / passes)
+            prediction = self._segment_framed(target, prepared, task, PromptSet(boxes=boxes, points=list(prompts.points)), None, None,
+                                              lambda fraction, message: step(fraction, f"fitting to the points' slice boxes ({round_}/{passes - 1}): {message}"),
+                                              False)
+        return prediction
 
     def _segment_framed(self, target: Volume, prepared: Prepared, task: TaskEmbedding, prompts: PromptSet | None,
                         previous: np.ndarray | None, new_prompts: PromptSet | None, progress: ProgressCallback,
@@ -667,19 +695,62 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     crop = tuple(slice(lo, hi + 1) for lo, hi in zip(*bounds))  # labelled there only: not the whole volume
     largest = np.zeros(sure.shape, dtype=bool)
     largest[crop] = largest_component(sure[crop])
-    single = np.flatnonzero(sizes_kji == 1)
-    axis_kji = int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
-    size_ijk = sizes_kji[::-1]
+    axis_kji = _box_axis_kji(sizes_kji, spacing_ijk)
+    boxes = slice_boxes(largest, slice_fractions(OWN_BOX_SLICES), axis=axis_kji).boxes
+    return PromptSet(boxes=[_widened(box, sizes_kji, axis_kji) for box in boxes])
+
+
+def point_slice_boxes(mask: np.ndarray, points: Sequence[Point], spacing_ijk) -> list[Box]:
+    """A slice box on each slice that holds positive points, around the in-plane components of `mask`
+    [K, J, I] at those points: what a user who placed the points would have drawn, if the mask is right
+    there. Slices run across the axis along which the positive points spread most (points placed on
+    two or three slices); with a single point, or points on one slice, across the coarsest axis as in
+    `own_slice_boxes`. A box is at least THIN_BOX_VOXELS wide in its slice, so that it is a slice box."""
+    positives = np.array([np.asarray(point.ijk, dtype=float)[::-1] for point in points if point.positive])
+    sizes_kji = np.array(mask.shape)
+    if positives.size == 0 or np.count_nonzero(sizes_kji > 1) < 2:
+        return []
+    voxels = np.clip(np.rint(positives).astype(int), 0, sizes_kji - 1)
+    spread = np.ptp(voxels, axis=0)
+    axis_kji = int(np.argmax(spread)) if spread.max() > 0 else _box_axis_kji(sizes_kji, spacing_ijk)
     boxes = []
-    for box in slice_boxes(largest, slice_fractions(OWN_BOX_SLICES), axis=axis_kji).boxes:
-        lo, hi = np.array(box.lo_ijk), np.array(box.hi_ijk)
-        for axis in range(3):
-            if axis != 2 - axis_kji and hi[axis] - lo[axis] < THIN_BOX_VOXELS:
-                width = min(THIN_BOX_VOXELS, size_ijk[axis] - 1.0)
-                lo[axis] = min(max((lo[axis] + hi[axis] - width) / 2, 0.0), size_ijk[axis] - 1.0 - width)
-                hi[axis] = lo[axis] + width
-        boxes.append(Box(tuple(lo), tuple(hi)))
-    return PromptSet(boxes=boxes)
+    for position in np.unique(voxels[:, axis_kji]):
+        index = [slice(None)] * 3
+        index[axis_kji] = position
+        components, _ = ndimage.label(mask[tuple(index)])
+        in_plane = [voxel[[axis for axis in range(3) if axis != axis_kji]] for voxel in voxels if voxel[axis_kji] == position]
+        held = np.isin(components, [components[tuple(at)] for at in in_plane if components[tuple(at)]])
+        if not held.any():
+            continue
+        lo_kji, hi_kji = (np.insert(np.array(bound, dtype=float), axis_kji, float(position)) for bound in bounding_box(held))
+        boxes.append(_widened(Box(tuple(lo_kji[::-1]), tuple(hi_kji[::-1])), sizes_kji, axis_kji))
+    return boxes
+
+
+def _box_axis_kji(sizes_kji: np.ndarray, spacing_ijk) -> int:
+    """The axis slice boxes are drawn across when nothing else says: a single-slice image's only axis of
+    one voxel, else the coarsest (a thick-slice scan's own slices)."""
+    single = np.flatnonzero(np.asarray(sizes_kji) == 1)
+    return int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
+
+
+def _widened(box: Box, sizes_kji: np.ndarray, axis_kji: int) -> Box:
+    """`box`, drawn on a slice across `axis_kji`, at least THIN_BOX_VOXELS wide along the other two
+    axes, within the image."""
+    lo, hi = np.array(box.lo_ijk, dtype=float), np.array(box.hi_ijk, dtype=float)
+    size_ijk = np.asarray(sizes_kji)[::-1]
+    for axis in range(3):
+        if axis != 2 - axis_kji and hi[axis] - lo[axis] < THIN_BOX_VOXELS:
+            width = min(THIN_BOX_VOXELS, size_ijk[axis] - 1.0)
+            lo[axis] = min(max((lo[axis] + hi[axis] - width) / 2, 0.0), size_ijk[axis] - 1.0 - width)
+            hi[axis] = lo[axis] + width
+    return Box(tuple(lo), tuple(hi))
+
+
+def _points_only(prompts: PromptSet | None) -> bool:
+    """Whether `prompts` hold positive points and no box of any kind."""
+    return (prompts is not None and not prompts.boxes and not prompts.oriented_boxes
+            and any(point.positive for point in prompts.points))
 
 
 def pass_agreement(first: np.ndarray, second: np.ndarray) -> float:
