@@ -612,13 +612,19 @@ def test_point_slice_boxes_are_drawn_around_the_component_at_each_point_on_the_p
     from weakicl.session import point_slice_boxes
 
     mask = np.zeros((12, 20, 24), dtype=bool)
-    mask[2:10, 4:12, 3:15] = True  # the structure
-    mask[2:10, 15:18, 18:22] = True  # something else on the same slices, at no point: no box around it
+    mask[1:11, 4:10, 5:12] = True  # the structure, longest along K
+    mask[1:11, 15:18, 18:22] = True  # something else on the same slices, at no point: no box around it
     points = [Point((8.0, 7.0, 3.0), True), Point((9.0, 8.0, 6.0), True), Point((20.0, 16.0, 6.0), False)]
-    boxes = point_slice_boxes(mask, points, (1.0, 1.0, 1.0))  # the points spread along K: axial slices 3 and 6
-    assert [(box.lo_ijk, box.hi_ijk) for box in boxes] == [((3.0, 4.0, 3.0), (14.0, 11.0, 3.0)), ((3.0, 4.0, 6.0), (14.0, 11.0, 6.0))]
-    across_i = point_slice_boxes(mask, [Point((4.0, 6.0, 5.0), True), Point((12.0, 6.0, 5.0), True)], (1.0, 1.0, 1.0))
-    assert [box.lo_ijk[0] for box in across_i] == [4.0, 12.0] and all(box.thin_axes() == [0] for box in across_i)
+    boxes = point_slice_boxes(mask, points, (1.0, 1.0, 1.0))  # across its longest side: axial slices 3 and 6
+    assert [(box.lo_ijk, box.hi_ijk) for box in boxes] == [((5.0, 4.0, 3.0), (11.0, 9.0, 3.0)), ((5.0, 4.0, 6.0), (11.0, 9.0, 6.0))]
+    fine_k = point_slice_boxes(mask, points, (1.0, 1.0, 0.5))  # K 5 mm, I 7 mm: the longest side in mm is I's
+    assert [box.lo_ijk[0] for box in fine_k] == [8.0, 9.0] and all(box.thin_axes() == [0] for box in fine_k)
+    long_i = np.zeros((12, 20, 24), dtype=bool)
+    long_i[4:8, 6:10, 2:22] = True  # longest along I: boxes on the (J, K) slices of the points
+    across_i = point_slice_boxes(long_i, [Point((4.0, 7.0, 5.0), True), Point((12.0, 8.0, 6.0), True)], (1.0, 1.0, 1.0))
+    assert [(box.lo_ijk, box.hi_ijk) for box in across_i] == [((4.0, 6.0, 4.0), (4.0, 9.0, 7.0)), ((12.0, 6.0, 4.0), (12.0, 9.0, 7.0))]
+    thick_k = point_slice_boxes(long_i, [Point((4.0, 7.0, 5.0), True)], (1.0, 1.0, 3.0))  # a thick-slice scan: its own slices
+    assert [box.thin_axes() for box in thick_k] == [[2]]
     dot = np.zeros((12, 20, 24), dtype=bool)
     dot[5, 9, 9] = True  # one voxel: widened into a slice box, across the coarsest axis for a lone point
     (box,) = point_slice_boxes(dot, [Point((9.0, 9.0, 5.0), True)], (1.0, 1.0, 3.0))
@@ -654,5 +660,23 @@ def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(seg
     assert len(calls) == 1  # boxes say how far the structure reaches: one pass
     calls.clear()
     segmenter.segment(volume, task, points, network_only=True)
-    segmenter.segment(volume, task, points, previous=calls[-1][1], new_prompts=PromptSet(points=[points.points[0]]))
-    assert len(calls) == 2  # the network alone, and a correction: one pass each
+    assert len(calls) == 1 and calls[0][0] is points  # the network alone: one pass, the points as they are
+    previous = prediction.masks[0]  # the propagation's result
+    click = Point((12.0, 13.0, 6.0), True)
+    clicked = PromptSet(points=points.points + [click])
+    segmenter.segment(volume, task, clicked, previous=previous, new_prompts=PromptSet(points=[click]))
+    assert len(calls) == 2  # a correction: one pass, with the boxes of what it corrects around the points
+    expected = point_slice_boxes(previous, clicked.points, volume.geometry.spacing)
+    assert calls[-1][0].boxes == expected != [] and calls[-1][0].points == clicked.points
+    assert any(box.lo_ijk[0] <= 12.0 <= box.hi_ijk[0] and box.lo_ijk[2] == 6.0 for box in expected)  # ... and the click
+
+
+def test_a_slice_box_around_points_reaches_every_positive_point_on_its_slice():
+    from weakicl.session import point_slice_boxes
+
+    previous = np.zeros((8, 20, 20), dtype=bool)
+    previous[0:8, 5:10, 5:10] = True  # longest along K: axial boxes
+    inside, beyond = Point((7.0, 7.0, 3.0), True), Point((15.0, 16.0, 3.0), True)  # a click where the result misses
+    (box,) = point_slice_boxes(previous, [inside, beyond, Point((18.0, 2.0, 3.0), False)], (1.0, 1.0, 1.0))
+    assert box.lo_ijk == (5.0, 5.0, 3.0) and box.hi_ijk == (15.0, 16.0, 3.0)
+    assert point_slice_boxes(previous, [beyond], (1.0, 1.0, 1.0)) == []  # a slice whose points miss the mask draws none

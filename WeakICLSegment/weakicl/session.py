@@ -85,9 +85,14 @@ OWN_BOX_SLICES = 4
 # little of it (one central point on each of 3 slices, tuning structures: other 0.338, hippocampi 0.690). So
 # slice boxes are drawn around what that pass holds at each positive point, on the points' own slices, and
 # propagated with the points (the boxes' probe and competition), this many times: other structures 0.338 ->
-# 0.434 -> 0.450 (3 rounds 0.457), hippocampi 0.690 -> 0.762 -> 0.761 (0.761) for 1 and 2 rounds
+# 0.444 -> 0.464 (3 rounds 0.473), hippocampi 0.690 -> 0.788 -> 0.780 (0.781) for 1 and 2 rounds
 # (`python scripts/point_boxes.py`, reports/point-boxes); 0: the first pass stands
 POINT_BOX_ROUNDS = 2
+# ... and a correction of such a result is guided by the same boxes drawn around it (`point_slice_boxes` of
+# the previous mask): after 5 protocol clicks from 3 points, tuning structures 0.553 -> 0.647, hippocampi
+# 0.821 -> 0.840 (`weakicl evaluate --tuning --protocol interactive --prompt-kind points`); False: the
+# points and clicks alone, without the boxes' probe and competition
+POINT_BOXES_IN_CORRECTIONS = True
 
 
 @dataclass
@@ -319,7 +324,8 @@ class Segmenter:
         of, where the two agree, and again from the boxes of that result (`_propagate_own_boxes`), the
         first pass coarse where its search region exceeds one window. Positive points without a box are
         propagated again, POINT_BOX_ROUNDS times, from slice boxes drawn around what the pass before holds
-        at the points, on their slices (`_propagate_point_boxes`). In propagation and whole volumes, of
+        at the points, on their slices (`_propagate_point_boxes`), and their corrections are guided by
+        the boxes drawn so around the previous mask. In propagation and whole volumes, of
         several components those that nowhere reach what the prompts or the registered context point to
         are dropped.
         A CLICK_SEED_MM ball around every point prompt ends on the point's side, as a user expects of a
@@ -342,9 +348,13 @@ class Segmenter:
         if new_prompts is not None and target_prompts is None:
             all_prompts = new_prompts
         if guided:
-            if previous is not None or network_only or not _points_only(all_prompts) or not POINT_BOX_ROUNDS:
-                return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
-            return self._propagate_point_boxes(target, prepared, task, all_prompts, progress)
+            points_only = not network_only and _points_only(all_prompts)
+            if points_only and previous is None and POINT_BOX_ROUNDS:
+                return self._propagate_point_boxes(target, prepared, task, all_prompts, progress)
+            if points_only and previous is not None and POINT_BOXES_IN_CORRECTIONS:
+                boxes = point_slice_boxes(np.asarray(previous) > 0.5, all_prompts.points, target.geometry.spacing)
+                all_prompts = PromptSet(boxes=boxes, points=list(all_prompts.points))
+            return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
         priors, roi = None, None
         start = 0.0
@@ -701,18 +711,27 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
 
 
 def point_slice_boxes(mask: np.ndarray, points: Sequence[Point], spacing_ijk) -> list[Box]:
-    """A slice box on each slice that holds positive points, around the in-plane components of `mask`
-    [K, J, I] at those points: what a user who placed the points would have drawn, if the mask is right
-    there. Slices run across the axis along which the positive points spread most (points placed on
-    two or three slices); with a single point, or points on one slice, across the coarsest axis as in
-    `own_slice_boxes`. A box is at least THIN_BOX_VOXELS wide in its slice, so that it is a slice box."""
+    """A slice box on each slice that holds a positive point inside `mask` [K, J, I], around the in-plane
+    components of `mask` at those points and reaching every positive point on the slice: what a user who
+    placed the points would have drawn, if the mask is right there. Slices run across the longest side
+    (mm) of what `mask` holds at the points, so that the boxes cut across an elongated structure (tuning
+    structures, 2 rounds: hippocampi 0.780, other 0.464; across the coarsest axis 0.746 and 0.455; across
+    the axis the points spread along 0.762 and 0.450: points carry no view, and clicks spread anywhere),
+    except on a thick-slice scan, whose own slices they are, as in `own_slice_boxes`. A box is at least
+    THIN_BOX_VOXELS wide in its slice, so that it is a slice box."""
     positives = np.array([np.asarray(point.ijk, dtype=float)[::-1] for point in points if point.positive])
     sizes_kji = np.array(mask.shape)
     if positives.size == 0 or np.count_nonzero(sizes_kji > 1) < 2:
         return []
     voxels = np.clip(np.rint(positives).astype(int), 0, sizes_kji - 1)
-    spread = np.ptp(voxels, axis=0)
-    axis_kji = int(np.argmax(spread)) if spread.max() > 0 else _box_axis_kji(sizes_kji, spacing_ijk)
+    components, _ = ndimage.label(mask, FULL_CONNECTIVITY)
+    bounds = bounding_box(np.isin(components, [label for label in components[tuple(voxels.T)] if label]))
+    if bounds is None:
+        return []
+    spacing_kji = np.asarray(spacing_ijk, dtype=float)[::-1]
+    thick = spacing_kji.max() > FrameSpec.thick_slice_ratio * spacing_kji.min()
+    axis_kji = (_box_axis_kji(sizes_kji, spacing_ijk) if thick or np.any(sizes_kji == 1)
+                else int(np.argmax((bounds[1] - bounds[0] + 1) * spacing_kji)))
     boxes = []
     for position in np.unique(voxels[:, axis_kji]):
         index = [slice(None)] * 3
@@ -722,6 +741,7 @@ def point_slice_boxes(mask: np.ndarray, points: Sequence[Point], spacing_ijk) ->
         held = np.isin(components, [components[tuple(at)] for at in in_plane if components[tuple(at)]])
         if not held.any():
             continue
+        held[tuple(np.array(in_plane).T)] = True  # the structure reaches every positive point on the slice
         lo_kji, hi_kji = (np.insert(np.array(bound, dtype=float), axis_kji, float(position)) for bound in bounding_box(held))
         boxes.append(_widened(Box(tuple(lo_kji[::-1]), tuple(hi_kji[::-1])), sizes_kji, axis_kji))
     return boxes
