@@ -83,10 +83,11 @@ def test_propagation_follows_a_border_the_network_ignores(segmenter, phantom, mo
 
 def test_points_alone_start_no_competition(segmenter, phantom, monkeypatch):
     """Without a box nothing says where the structure ends: everything past the points' spheres would be
-    background seeds."""
+    background seeds. (The points' own pass; the rounds from boxes drawn around it compete as boxes do.)"""
     from weakicl import session
     from weakicl.prompts import Point, PromptSet
 
+    monkeypatch.setattr(session, "POINT_BOX_ROUNDS", 0)
     volume, truth = phantom
     centre = np.argwhere(truth).mean(axis=0)
     points = PromptSet(points=[Point(tuple(float(c) for c in centre[::-1]), True)])
