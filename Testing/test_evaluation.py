@@ -387,3 +387,16 @@ def test_baselines_on_two_real_validation_hippocampi(tmp_path):
     summary = json.loads((out / "results.json").read_text())["summary"]
     dice = {row["method"]: row["dice"]["mean"] for row in summary if row["structure"] == "all"}
     assert dice["growcut"] > 0.6 and dice["box-interp"] > 0.5 and dice["threshold"] > 0.4
+
+
+def test_a_3d_box_prompt_is_the_structures_bounding_box_and_baselines_need_slice_boxes():
+    from weakicl.evaluation.protocols import NotApplicable
+
+    mask = np.zeros((10, 12, 14), dtype=bool)
+    mask[2:5, 3:8, 4:9] = True
+    settings = Settings("propagate", prompt_kind="box3d")
+    (box,) = target_prompts(mask, settings, np.random.default_rng(0)).boxes
+    assert box.lo_ijk == (4.0, 3.0, 2.0) and box.hi_ijk == (8.0, 7.0, 4.0) and box.thin_axes() == []
+    assert settings.label == "propagate (a 3D box)"
+    with pytest.raises(NotApplicable, match="needs box prompts"):
+        BoxInterpolation().check(settings)

@@ -680,3 +680,31 @@ def test_a_slice_box_around_points_reaches_every_positive_point_on_its_slice():
     (box,) = point_slice_boxes(previous, [inside, beyond, Point((18.0, 2.0, 3.0), False)], (1.0, 1.0, 1.0))
     assert box.lo_ijk == (5.0, 5.0, 3.0) and box.hi_ijk == (15.0, 16.0, 3.0)
     assert point_slice_boxes(previous, [beyond], (1.0, 1.0, 1.0)) == []  # a slice whose points miss the mask draws none
+
+
+def test_a_3d_box_alone_is_propagated_again_from_slice_boxes_around_each_pass_with_the_box_kept(segmenter, phantom, monkeypatch):
+    from weakicl.preprocess import bounding_box
+    from weakicl.prompts import Box
+    from weakicl.session import BOX3D_ROUNDS, own_slice_boxes
+
+    volume, truth = phantom
+    lo, hi = bounding_box(truth)
+    roi = PromptSet(boxes=[Box(tuple(lo[::-1].astype(float)), tuple(hi[::-1].astype(float)))])
+    assert roi.boxes[0].thin_axes() == []
+    task = segmenter.encode_context([(volume, roi)], "s")
+    calls, framed = [], segmenter._segment_framed
+
+    def recorded(target, prepared, task, prompts, *rest):
+        prediction = framed(target, prepared, task, prompts, *rest)
+        calls.append((prompts, prediction.probabilities[0] >= 0.5))
+        return prediction
+
+    monkeypatch.setattr(segmenter, "_segment_framed", recorded)
+    prediction = segmenter.segment(volume, task, roi)
+    assert len(calls) == 1 + BOX3D_ROUNDS >= 2 and calls[0][0] is roi
+    for (_, before), (prompts, _) in zip(calls, calls[1:]):
+        assert prompts.boxes == own_slice_boxes(before, volume.geometry.spacing).boxes + roi.boxes
+    np.testing.assert_array_equal(prediction.masks[0], calls[-1][1])
+    calls.clear()
+    segmenter.segment(volume, task, roi, network_only=True)
+    assert len(calls) == 1

@@ -1,9 +1,10 @@
-"""What slice boxes drawn around the points' own pass are worth when the target's prompts are points
-alone (`weakicl.session.POINT_BOX_ROUNDS`): the tuning structures (training tasks, where the constant is
-chosen) propagated from one central point on each of 3 slices, as `weakicl evaluate --prompt-kind
-points` draws them, with 0 to 3 rounds.
+"""What slice boxes drawn around the engine's own pass are worth when the target's prompts hold no slice
+box: the tuning structures (training tasks, where the constants are chosen) propagated from one central
+point on each of 3 slices (`weakicl.session.POINT_BOX_ROUNDS`) or from a 3D box around the whole structure
+(`--prompt-kind box3d`, `BOX3D_ROUNDS`), as `weakicl evaluate --prompt-kind` draws them, with 0 to 3 rounds.
 
     python scripts/point_boxes.py --manifest ../shared/data/manifest.json --out reports/point-boxes
+    python scripts/point_boxes.py --manifest ../shared/data/manifest.json --prompt-kind box3d --out reports/box3d-boxes
 
 Writes point_boxes.json and point_boxes.md to `--out`.
 """
@@ -32,16 +33,18 @@ def main() -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--prompt-kind", choices=("points", "box3d"), default="points")
     args = parser.parse_args()
     cases, document = read_manifest(args.manifest)
-    segmenter, settings = Segmenter(args.weights, "cpu"), Settings("propagate", prompt_kind="points")
+    segmenter, settings = Segmenter(args.weights, "cpu"), Settings("propagate", prompt_kind=args.prompt_kind)
+    constant = "POINT_BOX_ROUNDS" if args.prompt_kind == "points" else "BOX3D_ROUNDS"
     rows = []
     for structure in tuning_structures(cases, document):
         trial, truth = build_trial(structure, settings, []), structure_mask(structure)
         task = segmenter.encode_context(trial.context, structure.name)
         row = {"group": structure.group, "structure": structure.key}
         for rounds in ROUNDS:
-            with session_constants(POINT_BOX_ROUNDS=rounds):
+            with session_constants(**{constant: rounds}):
                 row[str(rounds)] = round(dice(segmenter.segment(trial.volume, task, trial.prompts).masks[0], truth), 4)
         rows.append(row)
         print(row, flush=True)
@@ -50,9 +53,10 @@ def main() -> int:
     command = portable_command(["python", "scripts/point_boxes.py"] + sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "point_boxes.json").write_text(json.dumps({"command": command, "rows": rows, "summary": summary}, indent=1) + "\n")
-    lines = [f"# Points alone: rounds of slice boxes around the points' own pass\n", f"`{command}`\n",
-             "Mean Dice of the tuning structures propagated from one central point on each of 3 slices, by the number of",
-             "rounds (`weakicl.session.POINT_BOX_ROUNDS`; 0: the points' own pass).\n",
+    prompts = "one central point on each of 3 slices" if args.prompt_kind == "points" else "a 3D box around the whole structure"
+    lines = [f"# {settings.label}: rounds of slice boxes drawn around the engine's own pass\n", f"`{command}`\n",
+             f"Mean Dice of the tuning structures propagated from {prompts}, by the number of",
+             f"rounds (`weakicl.session.{constant}`; 0: the prompts' own pass).\n",
              "| group | n | " + " | ".join(f"{rounds} rounds" for rounds in ROUNDS) + " |", "|---|---|" + "---|" * len(ROUNDS)]
     for group, means in summary.items():
         count = sum(row["group"] == group for row in rows)

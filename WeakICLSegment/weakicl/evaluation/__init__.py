@@ -11,4 +11,4 @@ PROTOCOLS = ("propagate", "cross-weak", "cross-dense", "interactive")
 METHOD_NAMES = ("model", "box-interp", "growcut", "threshold", "atlas", "model-unaligned", "model-network-only")
 # ablations asked for by name: model-unaligned (task tokens alone), model-network-only (clicks not seeded)
 DEFAULT_METHODS = METHOD_NAMES[:5]
-PROMPT_KINDS = ("boxes", "points")
+PROMPT_KINDS = ("boxes", "points", "box3d")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import WeakICLError
-from ..prompts import Point, PromptSet
+from ..preprocess import bounding_box
+from ..prompts import Box, Point, PromptSet
 from ..simulation import corrective_click, interior_points, slice_boxes, slice_fractions
 from ..volume import Volume
 from .manifest import Structure, load_case, structure_mask
@@ -46,7 +47,8 @@ class Settings:
     @property
     def label(self) -> str:
         """Short human name, also the key of this variant in results.json."""
-        prompts = f"{self.slices} {'box' if self.prompt_kind == 'boxes' else 'point'} slice{'s' if self.slices > 1 else ''}"
+        prompts = (f"{self.slices} {'box' if self.prompt_kind == 'boxes' else 'point'} slice{'s' if self.slices > 1 else ''}"
+                   if self.prompt_kind != "box3d" else "a 3D box")
         if self.jitter:
             prompts += f", jitter {self.jitter:g}"
         if self.protocol == "propagate":
@@ -65,7 +67,10 @@ def structure_rng(settings: Settings, structure: Structure, stream: int = 0) -> 
 
 def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generator) -> PromptSet:
     """Axial boxes (array axis 0) on the protocol's slices, tight or loosened/tightened by `jitter`, or
-    one interior point on each of them."""
+    one interior point on each of them, or (box3d) one box around the whole structure, as an ROI is placed."""
+    if settings.prompt_kind == "box3d":
+        lo_kji, hi_kji = bounding_box(mask)
+        return PromptSet(boxes=[Box(tuple(lo_kji[::-1].astype(float)), tuple(hi_kji[::-1].astype(float)))])
     boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0, jitter=settings.jitter, rng=rng)
     if settings.prompt_kind == "boxes":
         return boxes

@@ -32,7 +32,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
                         help=f"one or more of {', '.join(METHOD_NAMES)} (default: all but model-unaligned)")
     parser.add_argument("--slices", type=int, default=3, help="annotated axial slices per structure (default: 3, at 25/50/75%%)")
-    parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="boxes", help="box or one interior point per slice")
+    parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="boxes", help="box or one interior point per slice, or one 3D box around the whole structure (box3d)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3], help="context subjects for cross protocols (default: 1 3)")
     parser.add_argument("--start", choices=("propagate", "cross-weak"), default="propagate", help="first prediction of interactive")
     parser.add_argument("--clicks", type=int, default=5, help="corrective clicks in interactive (default: 5)")
