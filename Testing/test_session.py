@@ -633,12 +633,8 @@ def test_point_slice_boxes_are_drawn_around_the_component_at_each_point_on_the_p
     assert point_slice_boxes(mask, [Point((8.0, 7.0, 3.0), False)], (1.0, 1.0, 1.0)) == []  # no positive point
 
 
-def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(segmenter, phantom, monkeypatch):
-    from weakicl.session import POINT_BOX_ROUNDS, point_slice_boxes
-
-    volume, truth = phantom
-    points = PromptSet(points=[Point((9.0, 10.0, float(k)), True) for k in (4, 6, 8)])
-    task = segmenter.encode_context([(volume, points)], "s")
+def _record_framed_passes(segmenter, monkeypatch) -> list:
+    """The prompts of every framed pass the segmenter runs from now on, with the mask it gave (p >= 0.5)."""
     calls, framed = [], segmenter._segment_framed
 
     def recorded(target, prepared, task, prompts, *rest):
@@ -647,6 +643,16 @@ def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(seg
         return prediction
 
     monkeypatch.setattr(segmenter, "_segment_framed", recorded)
+    return calls
+
+
+def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(segmenter, phantom, monkeypatch):
+    from weakicl.session import POINT_BOX_ROUNDS, point_slice_boxes
+
+    volume, truth = phantom
+    points = PromptSet(points=[Point((9.0, 10.0, float(k)), True) for k in (4, 6, 8)])
+    task = segmenter.encode_context([(volume, points)], "s")
+    calls = _record_framed_passes(segmenter, monkeypatch)
     fractions = []
     prediction = segmenter.segment(volume, task, points, progress=lambda fraction, message: fractions.append(fraction))
     assert len(calls) == 1 + POINT_BOX_ROUNDS >= 2 and calls[0][0] is points
@@ -692,14 +698,7 @@ def test_a_3d_box_alone_is_propagated_again_from_slice_boxes_around_each_pass_wi
     roi = PromptSet(boxes=[Box(tuple(lo[::-1].astype(float)), tuple(hi[::-1].astype(float)))])
     assert roi.boxes[0].thin_axes() == []
     task = segmenter.encode_context([(volume, roi)], "s")
-    calls, framed = [], segmenter._segment_framed
-
-    def recorded(target, prepared, task, prompts, *rest):
-        prediction = framed(target, prepared, task, prompts, *rest)
-        calls.append((prompts, prediction.probabilities[0] >= 0.5))
-        return prediction
-
-    monkeypatch.setattr(segmenter, "_segment_framed", recorded)
+    calls = _record_framed_passes(segmenter, monkeypatch)
     prediction = segmenter.segment(volume, task, roi)
     assert len(calls) == 1 + BOX3D_ROUNDS >= 2 and calls[0][0] is roi
     for (_, before), (prompts, _) in zip(calls, calls[1:]):
@@ -708,3 +707,9 @@ def test_a_3d_box_alone_is_propagated_again_from_slice_boxes_around_each_pass_wi
     calls.clear()
     segmenter.segment(volume, task, roi, network_only=True)
     assert len(calls) == 1
+    click = Point((9.0, 10.0, 6.0), False)
+    clicked = PromptSet(boxes=roi.boxes, points=[click])
+    segmenter.segment(volume, task, clicked, previous=prediction.masks[0], new_prompts=PromptSet(points=[click]))
+    assert len(calls) == 2  # a correction: one pass, guided by slice boxes around what it corrects, the 3D box kept
+    assert calls[-1][0].boxes == own_slice_boxes(prediction.masks[0], volume.geometry.spacing).boxes + roi.boxes
+    assert calls[-1][0].points == [click]

@@ -1,7 +1,7 @@
 """Run the `weakicl` command line with some of the engine's module constants set, for ablations that
 the options do not reach (e.g. the engine before a change, with its switch off):
 
-    python scripts/with_constants.py POINT_BOX_ROUNDS=0 POINT_BOXES_IN_CORRECTIONS=False -- \\
+    python scripts/with_constants.py POINT_BOX_ROUNDS=0 DRAWN_BOXES_IN_CORRECTIONS=False -- \\
         evaluate --manifest ../shared/data/manifest.json --split validation --unseen --protocol propagate interactive \\
         --prompt-kind points --method model --device cpu --out reports/engine-0.9-points-off
 

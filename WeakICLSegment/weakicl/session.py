@@ -88,11 +88,11 @@ OWN_BOX_SLICES = 4
 # 0.444 -> 0.464 (3 rounds 0.473), hippocampi 0.690 -> 0.788 -> 0.780 (0.781) for 1 and 2 rounds
 # (`python scripts/point_boxes.py`, reports/point-boxes); 0: the first pass stands
 POINT_BOX_ROUNDS = 2
-# ... and a correction of such a result is guided by the same boxes drawn around it (`point_slice_boxes` of
-# the previous mask): after 5 protocol clicks from 3 points, tuning structures 0.553 -> 0.647, hippocampi
-# 0.821 -> 0.840 (`weakicl evaluate --tuning --protocol interactive --prompt-kind points`); False: the
-# points and clicks alone, without the boxes' probe and competition
-POINT_BOXES_IN_CORRECTIONS = True
+# ... and a correction of such a result (or of a 3D box's, below) is guided by the same boxes drawn around the
+# previous mask: after 5 protocol clicks from 3 points, tuning structures 0.553 -> 0.647, hippocampi 0.821 ->
+# 0.840; from a 3D box 0.636 -> 0.734 and 0.821 -> 0.846 (`weakicl evaluate --tuning --protocol interactive
+# --prompt-kind points|box3d`); False: the prompts and clicks alone, without the boxes' probe and competition
+DRAWN_BOXES_IN_CORRECTIONS = True
 # a 3D box alone (an ROI around the whole structure) says nothing sure about any slice, so neither the probe
 # nor the competition gets seeds from it (tuning structures: other 0.468, hippocampi 0.761, against 0.764 and
 # 0.855 from 3 slice boxes); slice boxes are drawn around the pass's largest component (`own_slice_boxes`)
@@ -360,9 +360,8 @@ class Segmenter:
             rounds = POINT_BOX_ROUNDS if points_only else BOX3D_ROUNDS if not network_only and _boxes_3d_only(all_prompts) else 0
             if previous is None and rounds:
                 return self._propagate_drawn_boxes(target, prepared, task, all_prompts, rounds, progress)
-            if points_only and previous is not None and POINT_BOXES_IN_CORRECTIONS:
-                boxes = point_slice_boxes(np.asarray(previous) > 0.5, all_prompts.points, target.geometry.spacing)
-                all_prompts = PromptSet(boxes=boxes, points=list(all_prompts.points))
+            if previous is not None and rounds and DRAWN_BOXES_IN_CORRECTIONS:
+                all_prompts = _with_drawn_boxes(all_prompts, np.asarray(previous) > 0.5, target.geometry.spacing)
             return self._segment_framed(target, prepared, task, all_prompts, previous, new_prompts, progress, network_only)
         grid, image, working, key = prepared.grid, prepared.image, prepared.working, prepared.key
         priors, roi = None, None
@@ -463,17 +462,12 @@ class Segmenter:
         passes = rounds + 1
         prediction = self._segment_framed(target, prepared, task, prompts, None, None, _within(progress, 0.0, 1.0 / passes), False)
         for round_ in range(1, passes):
-            mask = prediction.probabilities[0] >= 0.5
-            if prompts.boxes:
-                own = own_slice_boxes(mask, target.geometry.spacing)
-                drawn = own.boxes if own is not None else []
-            else:
-                drawn = point_slice_boxes(mask, prompts.points, target.geometry.spacing)
-            if not drawn:
+            drawn = _with_drawn_boxes(prompts, prediction.probabilities[0] >= 0.5, target.geometry.spacing)
+            if drawn is prompts:
                 break
             step = _within(progress, round_ / passes, (round_ + 1) / passes)
-            prediction = self._segment_framed(target, prepared, task, PromptSet(boxes=drawn + list(prompts.boxes), points=list(prompts.points)),
-                                              None, None, lambda fraction, message: step(fraction, f"fitting to slice boxes of its own ({round_}/{rounds}): {message}"),
+            prediction = self._segment_framed(target, prepared, task, drawn, None, None,
+                                              lambda fraction, message: step(fraction, f"fitting to slice boxes of its own ({round_}/{rounds}): {message}"),
                                               False)
         return prediction
 
@@ -780,6 +774,18 @@ def _widened(box: Box, sizes_kji: np.ndarray, axis_kji: int) -> Box:
             lo[axis] = min(max((lo[axis] + hi[axis] - width) / 2, 0.0), size_ijk[axis] - 1.0 - width)
             hi[axis] = lo[axis] + width
     return Box(tuple(lo), tuple(hi))
+
+
+def _with_drawn_boxes(prompts: PromptSet, mask: np.ndarray, spacing_ijk) -> PromptSet:
+    """`prompts` (without a slice box) with slice boxes drawn around `mask`: at each positive point
+    (`point_slice_boxes`) for points alone, around its largest component (`own_slice_boxes`) beside 3D
+    boxes; `prompts` itself where none can be drawn."""
+    if prompts.boxes:
+        own = own_slice_boxes(mask, spacing_ijk)
+        drawn = own.boxes if own is not None else []
+    else:
+        drawn = point_slice_boxes(mask, prompts.points, spacing_ijk)
+    return PromptSet(boxes=drawn + list(prompts.boxes), points=list(prompts.points)) if drawn else prompts
 
 
 def _boxes_3d_only(prompts: PromptSet | None) -> bool:
