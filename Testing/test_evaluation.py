@@ -400,3 +400,5 @@ def test_a_3d_box_prompt_is_the_structures_bounding_box_and_baselines_need_slice
     assert settings.label == "propagate (a 3D box)"
     with pytest.raises(NotApplicable, match="needs box prompts"):
         BoxInterpolation().check(settings)
+    with pytest.raises(InputError, match="jitter"):  # a 3D box is drawn tight: no jitter that the label would claim
+        target_prompts(mask, Settings("propagate", prompt_kind="box3d", jitter=0.1), np.random.default_rng(0))

@@ -675,6 +675,10 @@ def test_points_alone_are_propagated_again_from_slice_boxes_around_each_pass(seg
     expected = point_slice_boxes(previous, clicked.points, volume.geometry.spacing)
     assert calls[-1][0].boxes == expected != [] and calls[-1][0].points == clicked.points
     assert any(box.lo_ijk[0] <= 12.0 <= box.hi_ijk[0] and box.lo_ijk[2] == 6.0 for box in expected)  # ... and the click
+    calls.clear()  # clicks on a result that no points were propagated from (a whole volume's): the clicks as they are
+    whole_volume_clicks = PromptSet(points=[Point((9.0, 10.0, 5.0), True), click])
+    segmenter.segment(volume, task, whole_volume_clicks, previous=previous, new_prompts=PromptSet(points=[click]))
+    assert len(calls) == 1 and calls[0][0].boxes == [] and calls[0][0].points == whole_volume_clicks.points
 
 
 def test_a_slice_box_around_points_reaches_every_positive_point_on_its_slice():
@@ -707,9 +711,18 @@ def test_a_3d_box_alone_is_propagated_again_from_slice_boxes_around_each_pass_wi
     calls.clear()
     segmenter.segment(volume, task, roi, network_only=True)
     assert len(calls) == 1
+    with pytest.raises(InputError, match="does not match the target"):  # before any box is drawn around it
+        segmenter.segment(volume, task, roi, previous=prediction.masks[0][None], new_prompts=roi)
+    calls.clear()
+    empty = np.zeros_like(prediction.probabilities)
+    with monkeypatch.context() as nothing_found:  # no box can be drawn: the first pass stands, the bar still ends
+        nothing_found.setattr(segmenter, "_segment_framed", lambda *args: session.Prediction(empty, ["s"], (slice(None),) * 3))
+        fractions = []
+        segmenter.segment(volume, task, roi, progress=lambda fraction, message: fractions.append(fraction))
+        assert fractions[-1] == 1.0
     click = Point((9.0, 10.0, 6.0), False)
     clicked = PromptSet(boxes=roi.boxes, points=[click])
     segmenter.segment(volume, task, clicked, previous=prediction.masks[0], new_prompts=PromptSet(points=[click]))
-    assert len(calls) == 2  # a correction: one pass, guided by slice boxes around what it corrects, the 3D box kept
+    assert len(calls) == 1  # a correction: one pass, guided by slice boxes around what it corrects, the 3D box kept
     assert calls[-1][0].boxes == own_slice_boxes(prediction.masks[0], volume.geometry.spacing).boxes + roi.boxes
     assert calls[-1][0].points == [click]

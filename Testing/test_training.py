@@ -297,3 +297,6 @@ def test_a_trimmed_cache_fits_its_budget_and_keeps_validation_and_small_collecti
     assert len(load_cases(tmp_path / "trimmed", "train")) == 3 and len(load_cases(tmp_path / "trimmed", "validation")) == 1
     with pytest.raises(InputError, match="does not fit"):
         trim_cache(tiny_cache, tmp_path / "too_small", files["case4"])
+    with pytest.raises(InputError, match="would replace its source"):
+        trim_cache(tiny_cache, tiny_cache, budget)
+    assert read_index(tiny_cache)["cases"] == index["cases"]  # the source is untouched

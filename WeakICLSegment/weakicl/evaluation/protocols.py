@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import WeakICLError
+from ..errors import InputError, WeakICLError
 from ..preprocess import bounding_box
 from ..prompts import Box, Point, PromptSet
 from ..simulation import corrective_click, interior_points, slice_boxes, slice_fractions
@@ -69,6 +69,8 @@ def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generato
     """Axial boxes (array axis 0) on the protocol's slices, tight or loosened/tightened by `jitter`, or
     one interior point on each of them, or (box3d) one box around the whole structure, as an ROI is placed."""
     if settings.prompt_kind == "box3d":
+        if settings.jitter:
+            raise InputError("--jitter moves slice boxes and clicks; a 3D box is drawn tight (--prompt-kind box3d)")
         lo_kji, hi_kji = bounding_box(mask)
         return PromptSet(boxes=[Box(tuple(lo_kji[::-1].astype(float)), tuple(hi_kji[::-1].astype(float)))])
     boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0, jitter=settings.jitter, rng=rng)

@@ -104,6 +104,8 @@ def trim_cache(source: str | Path, destination: str | Path, max_bytes: int, seed
     left, so the smaller collections and every validation case stay. Files are hard links where the
     file system allows. Returns the training cases dropped per collection."""
     source, destination = Path(source), Path(destination)
+    if destination.resolve() == source.resolve() or destination.resolve() in source.resolve().parents:
+        raise InputError(f"the trimmed cache {destination} would replace its source {source}: give another folder")
     index = read_index(source)
     entries = list(index["cases"])
     sizes = {entry["id"]: (source / entry["file"]).stat().st_size for entry in entries}
