@@ -9,6 +9,7 @@ from typing import Callable, Generic, NamedTuple, Optional, TypeVar
 
 import numpy as np
 from weakicl.errors import InputError
+from weakicl.preprocess import bounding_box
 from weakicl.volume import Geometry
 
 State = TypeVar("State")
@@ -74,14 +75,10 @@ class PackedMask:
 
 
 def _nonzero_bounds(mask: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(lo, hi) KJI of a (K, J, I) mask's nonzero bounding box (hi exclusive), None when it is empty;
-    from projections, much faster than listing every voxel's index (argwhere) on a whole volume."""
-    ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    if len(ks) == 0:
-        return None
-    plane = mask[ks[0] : ks[-1] + 1].any(axis=0)  # (J, I)
-    js, is_ = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    return np.array([ks[0], js[0], is_[0]]), np.array([ks[-1], js[-1], is_[-1]]) + 1
+    """(lo, hi) KJI of a (K, J, I) mask's nonzero bounding box (hi exclusive), None when it is empty:
+    the engine's `bounding_box` (from projections, not a list of every voxel), as slice bounds."""
+    bounds = bounding_box(mask)
+    return None if bounds is None else (bounds[0], bounds[1] + 1)
 
 
 def _span(region: Optional[tuple], shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
