@@ -1,7 +1,8 @@
 """Write the shipped model card from the training card and evaluation results.
 
     python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.8/results.json \
-        reports/engine-0.6-network-only/results.json reports/engine-0.7-cross/results.json
+        reports/engine-0.6-network-only/results.json reports/engine-0.7-cross/results.json \
+        reports/engine-0.9-points/results.json reports/engine-0.9-box3d/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
 that produced it) to the JSON card beside the weights, and renders from that card
