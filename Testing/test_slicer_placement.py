@@ -81,6 +81,22 @@ def test_two_clicks_on_an_axial_slice_give_a_slice_box_on_that_slice(logic):
     assert "slice K=12" in logic.contextEntries()[0].label
 
 
+def test_a_box_is_flattened_also_when_slicer_skips_the_second_clicks_defined_event(scene):
+    """Slicer reads the second corner after its box update has freed it to decide whether to invoke
+    PointPositionDefinedEvent: without that event the box must come out flat all the same."""
+    volume = add_volume(scene, AXIAL_GRID)
+    centre = AXIAL_GRID.ijk_to_ras([[40.3, 44.6, 12.0]])[0]
+    slice_node = slice_view(scene, AXIAL, centre)
+    roi = bridge.create_prompt_node(scene, Role.CONTEXT_BOX, volume)
+    on_defined, *others = bridge.watch_box_placement(roi, lambda: slice_node)
+    corner = AXIAL[:, 0] * 8.1 + AXIAL[:, 1] * 12.3
+    roi.AddControlPointWorld(*(centre - corner))
+    roi.RemoveObserver(on_defined)  # as when the event does not come
+    roi.AddControlPointWorld(*(centre + corner))
+    np.testing.assert_allclose(roi.GetSize(), [16.2, 24.6, 0.0], atol=1e-6)
+    assert bridge.recorded_slice_axis(roi) == 2 and roi.GetAttribute(bridge.FIRST_CORNER_ATTRIBUTE) is None
+
+
 def test_two_clicks_on_a_sagittal_slice_give_a_slice_box_of_the_i_axis(logic):
     volume = add_volume(logic.scene, AXIAL_GRID)
     centre = AXIAL_GRID.ijk_to_ras([[31.0, 40.4, 14.3]])[0]

@@ -242,42 +242,48 @@ def box_from_roi(roi, geometry: Geometry) -> Box | OrientedBox | None:
     return clipped
 
 
-def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> int:
+def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> list[int]:
     """Observe an ROI being placed by two clicks: at the first click, turn the ROI into the frame of the
     slice view clicked in (so Slicer sizes it in that view's plane, oblique views included) and note the
-    click; at the second, record which ROI axis the two clicks shared (`recorded_slice_axis`) and set
-    the ROI's side along it to 0, undoing Slicer's padding: a flat box is a slice box by its shape
-    alone (`weakicl.slicebox`'s thin-side rule), also after its sides are resized with the handles
-    and in files saved from the scene. Returns the observer tag."""
+    click; once the second has made it a box, record which ROI axis the two clicks shared
+    (`recorded_slice_axis`) and set the ROI's side along it to 0, undoing Slicer's padding: a flat box
+    is a slice box by its shape alone (`weakicl.slicebox`'s thin-side rule), also after its sides are
+    resized with the handles and in files saved from the scene. Returns the observer tags.
 
-    def on_defined(caller, event) -> None:
-        defined = caller.GetNumberOfDefinedControlPoints()
-        if defined == 1 and not any(caller.GetSize()):  # first click: Slicer has not sized the box yet
-            position = [0.0, 0.0, 0.0]
-            caller.GetNthControlPointPositionWorld(0, position)
-            caller.SetAttribute(FIRST_CORNER_ATTRIBUTE, " ".join(repr(float(c)) for c in position))
-            slice_node = slice_node_at_cursor()
-            if slice_node is not None:
-                orient_roi(caller, numpy_matrix(slice_node.GetSliceToRAS())[:3, :3], np.asarray(position))
-            return
+    The second click is recognised by the ROI's state (one control point where Slicer has replaced the
+    two corners, a size, a centre away from the first corner), whichever point event tells of it:
+    Slicer's `AddControlPoint` decides whether to invoke PointPositionDefinedEvent by reading the added
+    control point after the box update has deleted it, so that event comes or not depending on what the
+    freed memory holds (the first full test run of a fresh clone left one box in five unflattened)."""
+
+    def on_point_event(caller, event) -> None:
+        placing = caller.GetNumberOfControlPoints() == 1 and caller.GetNumberOfDefinedControlPoints() == 1
         first = caller.GetAttribute(FIRST_CORNER_ATTRIBUTE)
-        if first is None or defined not in (1, 2):
+        if first is None:
+            if placing and not any(caller.GetSize()):  # first click: Slicer has not sized the box yet
+                position = [0.0, 0.0, 0.0]
+                caller.GetNthControlPointPositionWorld(0, position)
+                caller.SetAttribute(FIRST_CORNER_ATTRIBUTE, " ".join(repr(float(c)) for c in position))
+                slice_node = slice_node_at_cursor()
+                if slice_node is not None:
+                    orient_roi(caller, numpy_matrix(slice_node.GetSliceToRAS())[:3, :3], np.asarray(position))
             return
-        caller.RemoveAttribute(FIRST_CORNER_ATTRIBUTE)
+        if not placing or not any(caller.GetSize()):  # the first corner alone, or the second not placed yet
+            return
         centre, axes, _ = roi_frame_world(caller)
-        if defined == 2:  # the event came before Slicer replaced the two corners by the centre
-            diagonal = defined_positions(caller)[1] - defined_positions(caller)[0]
-        else:
-            diagonal = 2.0 * (centre - np.array([float(c) for c in first.split()]))
-        diagonal = diagonal @ axes  # second click - first click, along the ROI axes
+        diagonal = 2.0 * (centre - np.array([float(c) for c in first.split()])) @ axes  # second click - first, along the ROI axes
+        if np.abs(diagonal).max() <= 1e-6:
+            return  # Slicer is still replacing the corners: the ROI's centre has not moved off the first yet
+        caller.RemoveAttribute(FIRST_CORNER_ATTRIBUTE)
         shared = [a for a in range(3) if abs(diagonal[a]) <= 1e-6 * max(np.abs(diagonal).max(), 1e-9)]
         caller.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(shared[0]) if len(shared) == 1 else "none")
-        if len(shared) == 1 and defined == 1:  # Slicer has padded the box: flatten it back onto its slice
+        if len(shared) == 1:  # Slicer has padded the box: flatten it back onto its slice
             size = list(caller.GetSize())
             size[shared[0]] = 0.0
             caller.SetSize(*size)
 
-    return roi.AddObserver(roi.PointPositionDefinedEvent, on_defined)
+    return [roi.AddObserver(event, on_point_event)
+            for event in (roi.PointPositionDefinedEvent, roi.PointAddedEvent, roi.PointModifiedEvent)]
 
 
 def orient_roi(roi, slice_to_ras: np.ndarray, centre_world: np.ndarray) -> None:

@@ -98,7 +98,7 @@ class SceneLogic:
         self._active: dict[str, ActiveSegment] = {}  # target volume ID -> the segment its corrections refine
         self._applied: dict[tuple[str, str], PromptSet] = {}  # (segmentation, segment) -> corrections refined
         self._written: dict[tuple[str, str], PackedMask] = {}  # (segmentation, segment) -> what was written
-        self._placementObservers: dict[str, int] = {}
+        self._placementObservers: dict[str, list[int]] = {}
         self._sceneGeneration = 0  # bumped when the scene is closed (`forgetEdits`)
 
     # -- engine ---------------------------------------------------------------------------------------
