@@ -271,11 +271,11 @@ def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> list
         if not placing or not any(caller.GetSize()):  # the first corner alone, or the second not placed yet
             return
         centre, axes, _ = roi_frame_world(caller)
-        diagonal = 2.0 * (centre - np.array([float(c) for c in first.split()])) @ axes  # second click - first, along the ROI axes
-        if np.abs(diagonal).max() <= 1e-6:
+        sides = np.abs(2.0 * (centre - np.array([float(c) for c in first.split()])) @ axes)  # second click - first, along the ROI axes
+        if sides.max() <= 1e-6:
             return  # Slicer is still replacing the corners: the ROI's centre has not moved off the first yet
         caller.RemoveAttribute(FIRST_CORNER_ATTRIBUTE)
-        shared = [a for a in range(3) if abs(diagonal[a]) <= 1e-6 * max(np.abs(diagonal).max(), 1e-9)]
+        shared = [a for a in range(3) if sides[a] <= 1e-6 * sides.max()]
         caller.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(shared[0]) if len(shared) == 1 else "none")
         if len(shared) == 1:  # Slicer has padded the box: flatten it back onto its slice
             size = list(caller.GetSize())
