@@ -1,7 +1,7 @@
 """Write the shipped model card from the training card and evaluation results.
 
     python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.8/results.json \
-        reports/engine-0.6-network-only/results.json reports/engine-0.7-cross/results.json \
+        reports/engine-0.6-network-only/results.json reports/engine-0.10-cross/results.json \
         reports/engine-0.9-points/results.json reports/engine-0.9-box3d/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
@@ -87,7 +87,9 @@ def limitations(rows: list[dict]) -> list[str]:
                                          "(`model-network-only`)." if alone is not None else "."))
     lines += [
         "- Segmenting other subjects from references relies on registering them onto the target (on by default); "
-        "its boundaries are less exact than within-volume propagation (see HD95 below).",
+        "its boundaries are less exact than within-volume propagation (see HD95 below). Without registration "
+        "(`--no-align`) the task tokens, tuned on the references to find the structure alone, must find it "
+        "(`model-unaligned` below); across modalities they find nothing.",
         f"- Evaluated on one public collection with a fixed split and {unseen or 'no'} unseen structures: no pathology, "
         "children, other scanners or sites were tested. Expect lower quality on data unlike the training data.",
         "",

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels
+from .context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
 from .devices import device_name, resolve_device
 from .errors import InputError
 from .framing import Frame, FrameSpec, frame_around, frame_spacing, prompt_extent_kji
@@ -47,7 +48,8 @@ PREPARED_CACHE_SIZE = 4
 DEVICE_IMAGE_CACHE_SIZE = 2  # the volume being corrected and the one before: a 512x512x300 CT is 0.3 GB there
 TRANSFORM_CACHE_SIZE = 64
 MAX_WINDOW_BATCH = 16
-ALIGNMENT_SHARE = 0.2  # of a whole volume's progress bar: registering its context (the first class; later ones reuse it)
+ALIGNMENT_SHARE = 0.2  # of a whole volume's progress bar: registering its context (the first class; later ones
+# reuse it) or, without that, tuning the task to find each class alone
 PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this
 PRIOR_MARGIN_FRACTION = 0.25  # ... plus this fraction of its extent and ROI_MARGIN_VOXELS
 CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCut's seed radius, cost 0.017 on the hippocampus)
@@ -109,12 +111,15 @@ class TaskEmbedding:
     """Task tokens [N classes, T, E] (on the CPU) and the class names; independent of any target.
 
     `atlases` keeps, per class, the references' images and annotation priors, so that a target without
-    prompts gets the context aligned to it (the atlas prior); empty when built from tokens alone.
+    prompts gets the context aligned to it (the atlas prior); `references`, per class, what tuning the
+    tokens to find the structure alone needs (`weakicl.context_tuning`), for whole volumes without the
+    prior; both empty when built from tokens alone.
     """
 
     tokens: "torch.Tensor"  # noqa: F821
     names: list[str]
     atlases: list[list[AtlasItem]] = field(default_factory=list)
+    references: list[list[SearchReference]] = field(default_factory=list)
 
     @classmethod
     def stack(cls, tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -124,7 +129,8 @@ class TaskEmbedding:
         if not tasks:
             raise InputError("no tasks to stack")
         atlases = [items for t in tasks for items in t.atlases] if all(t.atlases for t in tasks) else []
-        return cls(torch.cat([t.tokens for t in tasks]), [name for t in tasks for name in t.names], atlases)
+        references = [items for t in tasks for items in t.references] if all(t.references for t in tasks) else []
+        return cls(torch.cat([t.tokens for t in tasks]), [name for t in tasks for name in t.names], atlases, references)
 
 
 @dataclass
@@ -237,7 +243,7 @@ class Segmenter:
         key = self._context_key(items, name)
         if key in self._tasks:
             return self._tasks[key]
-        tokens, atlas = [], []
+        tokens, atlas, references = [], [], []
         for number, (volume, annotation) in enumerate(items, 1):
             progress((number - 1) / len(items), f"encoding context {number}/{len(items)}")
             if isinstance(annotation, PromptSet):
@@ -256,16 +262,50 @@ class Segmenter:
             # tokens come from the structure in its own frame, as targets are segmented (bounded size)
             binary = None if mask is None else np.asarray(mask) > 0.5
             frame = self._frame(volume, prompts, binary)
-            image_crop, _ = pad_to_multiple(frame.sample(prepared.normalized), self.config.downsampling, self.config.patch_size)
+            framed_image = frame.sample(prepared.normalized)
+            image_crop, _ = pad_to_multiple(framed_image, self.config.downsampling, self.config.patch_size)
             channel_crop, _ = pad_to_multiple(self._frame_channels(frame, prompts, binary),
                                               self.config.downsampling, self.config.patch_size, mode="constant")
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
+            references.append(self._search_reference(volume, prepared, prompts, binary, frame, framed_image, tokens[-1]))
         progress(1.0, "context encoded")
-        task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas])
+        task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas], [references])
         self._tasks[key] = task
         return task
+
+    def _search_reference(self, volume: Volume, prepared: Prepared, prompts: PromptSet | None, mask: np.ndarray | None,
+                          frame: Frame, image: np.ndarray, tokens) -> SearchReference:
+        """A reference's crop and what its annotation says for sure there, in a frame of at most
+        SEARCH_TUNING_MAX_SIDE voxels a side (`weakicl.context_tuning`): the `frame` the tokens came from
+        and its `image` where that small (a frame inside a small image is cut to it), else a coarser one."""
+        if max(frame.shape_kji) > SEARCH_TUNING_MAX_SIDE:
+            frame = self._frame(volume, prompts, mask, max_shape=SEARCH_TUNING_MAX_SIDE)
+            image = frame.sample(prepared.normalized)
+        if prompts is None:
+            labels = (self._frame_channels(frame, None, mask)[MASK_CHANNEL] > 0.5).astype(np.int8)
+        else:
+            labels = appearance_labels(frame.prompts_to_frame(prompts), image)
+        multiple, minimum = self.config.downsampling, self.config.patch_size
+        padded_labels, _ = pad_to_multiple(labels.astype(np.int16) + 1, multiple, minimum, mode="constant")
+        return SearchReference(pad_to_multiple(image, multiple, minimum)[0], (padded_labels - 1).astype(np.int8), tokens)
+
+    def _search_task(self, task: TaskEmbedding, progress: ProgressCallback) -> TaskEmbedding:
+        """The task with its tokens tuned to find each class alone, its references' tuned tokens
+        averaged as encoding averages them (each reference is tuned once, `SearchReference.tuned`)."""
+        import torch
+
+        classes, count = [], sum(len(references) for references in task.references)
+        done = 0
+        for references in task.references:
+            tuned = []
+            for reference in references:
+                tuned.append(search_tokens(self.model, reference, self.device, _within(progress, done / count, (done + 1) / count)))
+                done += 1
+            classes.append(torch.cat(tuned).mean(dim=0, keepdim=True))
+        progress(1.0, "task tuned")
+        return TaskEmbedding(torch.cat(classes), list(task.names))
 
     def _context_channels(self, prepared: Prepared, volume: Volume, prompts: PromptSet | None,
                           mask: np.ndarray | None) -> tuple[tuple[slice, slice, slice], np.ndarray]:
@@ -331,7 +371,8 @@ class Segmenter:
         correction: only the neighbourhood of the new prompts is recomputed and the rest of `previous`
         stands. Otherwise, with target prompts or a previous mask, a region around all of them is
         recomputed (propagation); without either, the whole volume is covered by overlapping windows and,
-        unless `align_context` is False, each class starts from its context registered to the target;
+        unless `align_context` is False, each class starts from its context registered to the target
+        (without it, from tokens tuned on the references to find the class alone, `weakicl.context_tuning`);
         then each class is propagated again from slice boxes drawn around what that first pass is sure
         of, where the two agree, and again from the boxes of that result (`_propagate_own_boxes`), the
         first pass coarse where its search region exceeds one window. Positive points without a box are
@@ -384,6 +425,10 @@ class Segmenter:
             # the aligned context says where to look in a volume larger than one window (a tighter crop
             # than one window costs Dice: 0.720 -> 0.704 on 50 validation hippocampi, cross-weak k=1)
             roi = roi_around(priors.max(axis=0) > PRIOR_SEARCH_LEVEL, PRIOR_MARGIN_FRACTION, ROI_MARGIN_VOXELS, self._window)
+        searching = task
+        if priors is None and task.references and not network_only:  # the tokens alone must find each class
+            searching = self._search_task(task, _within(progress, 0.0, ALIGNMENT_SHARE))
+            start = ALIGNMENT_SHARE
         roi = roi or tuple(slice(0, n) for n in image.shape)
         probabilities = np.zeros((len(task.names),) + image.shape, dtype=np.float32)
         everywhere = (slice(None),) + roi
@@ -391,7 +436,7 @@ class Segmenter:
         segmenting = _within(progress, start, 1.0)
         first_progress = _within(segmenting, 0.0, 0.5) if refine else segmenting
         spacing_kji = np.asarray(grid.working_spacing_ijk, dtype=float)[::-1]
-        probabilities[everywhere] = self._first_pass(image[roi], spacing_kji, task, first_progress,
+        probabilities[everywhere] = self._first_pass(image[roi], spacing_kji, searching, first_progress,
                                                      None if priors is None else priors[everywhere],
                                                      coarse=priors is not None and not network_only)
         if priors is not None and not network_only:
@@ -575,9 +620,10 @@ class Segmenter:
         return margin
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
-               new_prompts: PromptSet | None = None) -> Frame:
+               new_prompts: PromptSet | None = None, max_shape: int | None = None) -> Frame:
         """The frame of a structure marked by prompts and/or a mask, at the scale the weights expect;
-        with `new_prompts`, the part of it around them (a correction)."""
+        with `new_prompts`, the part of it around them (a correction); coarser where it would exceed
+        `max_shape` voxels a side (None: the framing's own limit)."""
         extent = prompt_extent_kji(prompts, mask)
         if extent is None:
             raise InputError("nothing to segment from: the prompts hold no box or positive point and the mask is empty")
@@ -591,6 +637,8 @@ class Segmenter:
             reach = CORRECTION_REACH_VOXELS * spacing / spacing_kji  # a click corrects its neighbourhood
             focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
             spec = dataclasses.replace(spec, margin_fraction=0.0)
+        if max_shape is not None:
+            spec = dataclasses.replace(spec, max_shape=min(spec.max_shape, max_shape))
         return frame_around(*focus, spacing_kji, volume.geometry.shape_kji, spacing, spec,
                             minimum_voxels=max(self.config.patch_size))
 
