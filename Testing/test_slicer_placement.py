@@ -88,13 +88,26 @@ def test_a_box_is_flattened_also_when_slicer_skips_the_second_clicks_defined_eve
     centre = AXIAL_GRID.ijk_to_ras([[40.3, 44.6, 12.0]])[0]
     slice_node = slice_view(scene, AXIAL, centre)
     roi = bridge.create_prompt_node(scene, Role.CONTEXT_BOX, volume)
-    on_defined, *others = bridge.watch_box_placement(roi, lambda: slice_node)
+    placed = []
+    on_defined, *others = bridge.watch_box_placement(roi, lambda: slice_node, placed.append)
     corner = AXIAL[:, 0] * 8.1 + AXIAL[:, 1] * 12.3
     roi.AddControlPointWorld(*(centre - corner))
+    assert placed == []
     roi.RemoveObserver(on_defined)  # as when the event does not come
     roi.AddControlPointWorld(*(centre + corner))
     np.testing.assert_allclose(roi.GetSize(), [16.2, 24.6, 0.0], atol=1e-6)
     assert bridge.recorded_slice_axis(roi) == 2 and roi.GetAttribute(bridge.FIRST_CORNER_ATTRIBUTE) is None
+    assert placed == [roi]  # those who listened for that event to list the box hear this instead
+
+
+def test_the_logic_tells_once_when_a_box_is_in(logic):
+    volume = add_volume(logic.scene, AXIAL_GRID)
+    placed = []
+    logic.onBoxPlaced = placed.append
+    roi = draw_box(logic, volume, AXIAL, AXIAL_GRID.ijk_to_ras([[40.3, 44.6, 12.0]])[0], 8.1, 12.3)
+    assert placed == [roi]
+    roi.SetNthControlPointPositionWorld(0, *AXIAL_GRID.ijk_to_ras([[41.0, 44.0, 12.0]])[0])  # moved later: not placed again
+    assert placed == [roi]
 
 
 def test_two_clicks_on_a_sagittal_slice_give_a_slice_box_of_the_i_axis(logic):

@@ -112,6 +112,7 @@ class WeakICLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(self._panel)
         self._panel.setMRMLScene(slicer.mrmlScene)
         self.logic = WeakICLSegmentLogic()
+        self.logic.onBoxPlaced = lambda roi: self.onPromptChanged(roi, None)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

@@ -242,19 +242,22 @@ def box_from_roi(roi, geometry: Geometry) -> Box | OrientedBox | None:
     return clipped
 
 
-def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> list[int]:
+def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object],
+                        on_placed: Callable[[object], None] = lambda roi: None) -> list[int]:
     """Observe an ROI being placed by two clicks: at the first click, turn the ROI into the frame of the
     slice view clicked in (so Slicer sizes it in that view's plane, oblique views included) and note the
     click; once the second has made it a box, record which ROI axis the two clicks shared
     (`recorded_slice_axis`) and set the ROI's side along it to 0, undoing Slicer's padding: a flat box
     is a slice box by its shape alone (`weakicl.slicebox`'s thin-side rule), also after its sides are
-    resized with the handles and in files saved from the scene. Returns the observer tags.
+    resized with the handles and in files saved from the scene; then `on_placed(roi)`, once. Returns the
+    observer tags.
 
     The second click is recognised by the ROI's state (one control point where Slicer has replaced the
     two corners, a size, a centre away from the first corner), whichever point event tells of it:
     Slicer's `AddControlPoint` decides whether to invoke PointPositionDefinedEvent by reading the added
     control point after the box update has deleted it, so that event comes or not depending on what the
-    freed memory holds (the first full test run of a fresh clone left one box in five unflattened)."""
+    freed memory holds (the first full test run of a fresh clone left one box in five unflattened), and
+    whoever listens for it to learn that a box is in hears `on_placed` instead."""
 
     def on_point_event(caller, event) -> None:
         placing = caller.GetNumberOfControlPoints() == 1 and caller.GetNumberOfDefinedControlPoints() == 1
@@ -281,6 +284,7 @@ def watch_box_placement(roi, slice_node_at_cursor: Callable[[], object]) -> list
             size = list(caller.GetSize())
             size[shared[0]] = 0.0
             caller.SetSize(*size)
+        on_placed(caller)
 
     return [roi.AddObserver(event, on_point_event)
             for event in (roi.PointPositionDefinedEvent, roi.PointAddedEvent, roi.PointModifiedEvent)]

@@ -99,6 +99,9 @@ class SceneLogic:
         self._applied: dict[tuple[str, str], PromptSet] = {}  # (segmentation, segment) -> corrections refined
         self._written: dict[tuple[str, str], PackedMask] = {}  # (segmentation, segment) -> what was written
         self._placementObservers: dict[str, list[int]] = {}
+        # called with an ROI once its second corner is in (the GUI lists it, a correction box is refined);
+        # Slicer's own event for that does not always come (`mrml_bridge.watch_box_placement`)
+        self.onBoxPlaced: Callable[[Any], None] = lambda roi: None
         self._sceneGeneration = 0  # bumped when the scene is closed (`forgetEdits`)
 
     # -- engine ---------------------------------------------------------------------------------------
@@ -172,7 +175,8 @@ class SceneLogic:
 
     def watchBox(self, roi) -> None:
         if roi.GetID() not in self._placementObservers:
-            self._placementObservers[roi.GetID()] = bridge.watch_box_placement(roi, self.sliceNodeAtCursor)
+            self._placementObservers[roi.GetID()] = bridge.watch_box_placement(
+                roi, self.sliceNodeAtCursor, lambda placed: self.onBoxPlaced(placed))
 
     def contextEntries(self) -> list[ContextEntry]:
         """Placed context prompts on every volume, labelled for the list in the GUI."""
