@@ -81,9 +81,11 @@ def test_propagation_follows_a_border_the_network_ignores(segmenter, phantom, mo
     assert with_margin > 0.97 and with_margin > without + 0.05
 
 
-def test_points_alone_start_no_competition(segmenter, phantom, monkeypatch):
-    """Without a box nothing says where the structure ends: everything past the points' spheres would be
-    background seeds. (The points' own pass; the rounds from boxes drawn around it compete as boxes do.)"""
+def test_points_alone_compete_with_the_frames_outer_band(segmenter, phantom, monkeypatch):
+    """Without a box nothing says for sure where the structure ends, but the frame reaches well past the
+    points: its outer band is background (`session.POINT_BACKGROUND_BAND_VOXELS`), so the points' own pass
+    grows to the structure's edge instead of staying a blob around them. (The rounds from boxes drawn
+    around that pass compete as boxes do.)"""
     from weakicl import session
     from weakicl.prompts import Point, PromptSet
 
@@ -92,9 +94,13 @@ def test_points_alone_start_no_competition(segmenter, phantom, monkeypatch):
     centre = np.argwhere(truth).mean(axis=0)
     points = PromptSet(points=[Point(tuple(float(c) for c in centre[::-1]), True)])
     task = segmenter.encode_context([(volume, points)])
-    with_points = segmenter.segment(volume, task, target_prompts=points).probabilities
+    competing = segmenter.segment(volume, task, target_prompts=points).masks[0]
+    monkeypatch.setattr(session, "POINT_BACKGROUND_BAND_VOXELS", None)
+    alone = segmenter.segment(volume, task, target_prompts=points).masks[0]
+    assert (competing & truth).sum() > 4 * (alone & truth).sum()  # 157 of 491 voxels against 5
+    assert (competing & ~truth).sum() <= 0.1 * competing.sum()  # up to the edge, not past it
     monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
-    assert np.array_equal(segmenter.segment(volume, task, target_prompts=points).probabilities, with_points)
+    assert np.array_equal(segmenter.segment(volume, task, target_prompts=points).masks[0], alone)
 
 
 @pytest.fixture()

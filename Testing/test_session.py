@@ -726,3 +726,21 @@ def test_a_3d_box_alone_is_propagated_again_from_slice_boxes_around_each_pass_wi
     assert len(calls) == 1  # a correction: one pass, guided by slice boxes around what it corrects, the 3D box kept
     assert calls[-1][0].boxes == own_slice_boxes(prediction.masks[0], volume.geometry.spacing).boxes + roi.boxes
     assert calls[-1][0].points == [click]
+
+
+def test_points_alone_compete_with_the_frames_outer_band_for_the_seed_competition(monkeypatch):
+    from weakicl.framing import Frame
+
+    shape = (24, 32, 32)
+    blob = ellipsoid(shape, (12, 16, 16), (6, 9, 9))
+    image = np.where(blob, 1.0, 0.0) + np.random.default_rng(0).normal(0, 0.05, shape)
+    frame = Frame(np.zeros(3), np.ones(3), shape, np.ones(3))
+    points = PromptSet(points=[Point((16.0, 16.0, 12.0), True)])
+    margin = Segmenter._geodesic_margin(frame, image, points, None, "cpu")
+    assert margin is not None and margin.shape == shape
+    assert np.all(margin[blob] > 0) and np.all(margin[:, :, :session.POINT_BACKGROUND_BAND_VOXELS] < 0)
+    assert (margin > 0).sum() == pytest.approx(blob.sum(), rel=0.1)  # the point takes the blob, up to its edge
+    assert Segmenter._geodesic_margin(frame, image, points, np.zeros(shape, bool), "cpu") is None  # clicks on a result
+    assert Segmenter._geodesic_margin(frame, image, PromptSet(points=[Point((16.0, 16.0, 12.0), False)]), None, "cpu") is None
+    monkeypatch.setattr(session, "POINT_BACKGROUND_BAND_VOXELS", None)
+    assert Segmenter._geodesic_margin(frame, image, points, None, "cpu") is None

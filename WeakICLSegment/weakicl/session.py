@@ -90,6 +90,13 @@ OWN_BOX_SLICES = 4
 # 0.444 -> 0.464 (3 rounds 0.473), hippocampi 0.690 -> 0.788 -> 0.780 (0.781) for 1 and 2 rounds
 # (`python scripts/point_boxes.py`, reports/point-boxes); 0: the first pass stands
 POINT_BOX_ROUNDS = 2
+# points alone have no background seeds, so their own pass had no seed competition and stayed a blob around the
+# points (a CT liver: 1,519 of 38,634 voxels). There the frame's outer band of this many frame voxels is the
+# background (the frame reaches half the points' extent and 12 voxels past them): tuning structures from one
+# central point on each of 3 slices, other 0.464 -> 0.558, hippocampi 0.780 -> 0.784 (1: 0.520 / 0.777, 2: 0.525 /
+# 0.778, 4: 0.532 / 0.780, 6: 0.545 / 0.796, 8: 0.498 / 0.789; `python scripts/with_constants.py
+# POINT_BACKGROUND_BAND_VOXELS=None -- evaluate --tuning --protocol propagate --prompt-kind points ...`); None: no competition
+POINT_BACKGROUND_BAND_VOXELS = 5
 # ... and a correction of such a result (or of a 3D box's, below) is guided by the same boxes drawn around the
 # previous mask (not of a whole volume's: its clicks are points alone too, and the boxes cost its corrections,
 # cross-weak k=1 after 5 clicks on 20 validation hippocampi 0.792 -> 0.780, so the engine remembers which points
@@ -599,11 +606,17 @@ class Segmenter:
         from what the boxes and clicks say for sure; it decides the box hull one gap past the outer boxes,
         positive points and a previous result, grown by BACKGROUND_GAP_MM (GrowCut's unknown region).
         Beyond that region its background seeds steer the competition but add nothing to the logits
-        (0), except where a box or negative click says so. None without a box: points alone do not say
-        where the structure ends."""
-        if not (prompts.boxes or prompts.oriented_boxes):
-            return None
+        (0), except where a box or negative click says so. Points alone (no box, no previous result)
+        compete with the frame's outer band of POINT_BACKGROUND_BAND_VOXELS over the whole frame; otherwise
+        None without a box: clicks on a whole volume's result do not say where the structure ends."""
         frame_prompts = frame.prompts_to_frame(prompts)
+        if not (prompts.boxes or prompts.oriented_boxes):
+            if previous is not None or POINT_BACKGROUND_BAND_VOXELS is None or not any(p.positive for p in prompts.points):
+                return None
+            band = POINT_BACKGROUND_BAND_VOXELS
+            undecided = np.zeros(image.shape, dtype=bool)
+            undecided[tuple(slice(band, n - band) for n in image.shape)] = True  # empty where the frame is thinner than two bands
+            return geodesic_margin(image, seed_labels(appearance_labels(frame_prompts, image), undecided), device)
         geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
         undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS,
                                                slices_per_voxel_ijk=frame.step_kji[::-1])) > 0.5
