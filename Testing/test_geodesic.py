@@ -212,3 +212,37 @@ def test_sweeps_that_do_not_settle_leave_the_distances_to_the_search(monkeypatch
     seeds[0, 0, 0], seeds[0, -1, -1] = 1, 2
     monkeypatch.setattr(geodesic, "_swept_distances", lambda image, sources, device: None)  # as if unsettled on CUDA
     np.testing.assert_array_equal(geodesic._searched_margin(image, seeds, "cuda"), geodesic._searched_margin(image, seeds, "cpu"))
+
+
+def test_a_3d_box_alone_seeds_its_centre_against_what_lies_beyond_it():
+    from weakicl.prompts import Box, Point, PromptSet
+    from weakicl.session import _box3d_seeds
+
+    image = np.zeros((20, 30, 40))
+    box = Box((10.0, 5.0, 4.0), (29.0, 24.0, 15.0))  # IJK: i 10-29, j 5-24, k 4-15
+    inside, seeds = _box3d_seeds(PromptSet(boxes=[box], points=[Point((21.0, 16.0, 10.0), False)]), image)
+    assert inside[3:17, 4:26, 9:31].all() and inside.sum() == 14 * 22 * 22  # one voxel of tolerance
+    assert np.all(seeds[~inside] == 0)
+    core = np.zeros(image.shape, bool)
+    core[9:11, 13:17, 18:22] = True  # the central quarter of each side: k 9.5 +- 1.4, j and i +- 2.4
+    assert np.all(seeds[core & (seeds != 0)] == 1) and np.all(seeds[inside & ~core] <= 0)
+    # the negative point's 3x3x3 voxels are background, in the core too
+    assert seeds[10, 16, 21] == 0 and (seeds[core] == 0).sum() == 2 * 2 * 2 and (seeds[inside] == 0).sum() == 27
+
+
+def test_a_3d_box_alone_outlines_its_structure_in_its_own_pass(segmenter, phantom, monkeypatch):
+    from weakicl import session
+    from weakicl.evaluation.metrics import dice
+    from weakicl.prompts import Box, PromptSet
+
+    monkeypatch.setattr(session, "BOX3D_ROUNDS", 0)  # the box's own pass alone
+    volume, truth = phantom
+    nonzero = np.argwhere(truth)
+    box = PromptSet(boxes=[Box(tuple(nonzero.min(axis=0)[::-1] - 0.5), tuple(nonzero.max(axis=0)[::-1] + 0.5))])
+    task = segmenter.encode_context([(volume, box)])
+    competing = segmenter.segment(volume, task, target_prompts=box).masks[0]
+    monkeypatch.setattr(session, "BOX3D_CORE_FRACTION", None)
+    alone = segmenter.segment(volume, task, target_prompts=box).masks[0]
+    assert dice(competing, truth) > dice(alone, truth) + 0.1  # 0.996 against 0.513 with the tiny network
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)
+    assert np.array_equal(segmenter.segment(volume, task, target_prompts=box).masks[0], alone)

@@ -104,13 +104,19 @@ POINT_BACKGROUND_BAND_VOXELS = 5
 # 0.840; from a 3D box 0.636 -> 0.734 and 0.821 -> 0.846 (`weakicl evaluate --tuning --protocol interactive
 # --prompt-kind points|box3d`); False: the prompts and clicks alone, without the boxes' probe and competition
 DRAWN_BOXES_IN_CORRECTIONS = True
-# a 3D box alone (an ROI around the whole structure) says nothing sure about any slice, so neither the probe
-# nor the competition gets seeds from it (tuning structures: other 0.468, hippocampi 0.761, against 0.764 and
+# a 3D box alone (an ROI around the whole structure) says nothing sure about any slice, so the probe gets no
+# seeds from it and, before BOX3D_CORE_FRACTION, neither did the competition (tuning structures: other 0.468, hippocampi 0.761, against 0.764 and
 # 0.855 from 3 slice boxes); slice boxes are drawn around the pass's largest component (`own_slice_boxes`)
 # and propagated with the 3D box kept, this many times: other 0.468 -> 0.603 -> 0.621 (3 rounds 0.628),
 # hippocampi 0.761 -> 0.789 -> 0.797 (0.801) (`python scripts/point_boxes.py --prompt-kind box3d`,
 # reports/box3d-boxes; without the 3D box kept, a throwaway: 0.586 and 0.797); 0: the first pass stands
 BOX3D_ROUNDS = 2
+# ... and in the 3D box's own pass the competition takes the central share of the box (this fraction of each
+# side) as the structure and all beyond the box (one voxel of tolerance) as background: tuning structures
+# after both rounds, other 0.621 -> 0.654, hippocampi 0.797 -> 0.819 (0.15: 0.625 / 0.828, 0.4: 0.648 / 0.795,
+# 0.5: 0.633 / 0.773; `python scripts/with_constants.py BOX3D_CORE_FRACTION=None -- evaluate --tuning
+# --protocol propagate --prompt-kind box3d ...`); None: no competition there
+BOX3D_CORE_FRACTION = 0.25
 
 
 @dataclass
@@ -608,8 +614,12 @@ class Segmenter:
         Beyond that region its background seeds steer the competition but add nothing to the logits
         (0), except where a box or negative click says so. Points alone (no box, no previous result)
         compete with the frame's outer band of POINT_BACKGROUND_BAND_VOXELS over the whole frame; otherwise
-        None without a box: clicks on a whole volume's result do not say where the structure ends."""
+        None without a box: clicks on a whole volume's result do not say where the structure ends. 3D
+        boxes alone (no previous result) give seeds of their own (`_box3d_seeds`)."""
         frame_prompts = frame.prompts_to_frame(prompts)
+        if previous is None and BOX3D_CORE_FRACTION is not None and _boxes_3d_only(prompts):
+            inside, seeds = _box3d_seeds(frame_prompts, image)
+            return geodesic_margin(image, seed_labels(seeds, inside), device)
         if not (prompts.boxes or prompts.oriented_boxes):
             if previous is not None or POINT_BACKGROUND_BAND_VOXELS is None or not any(p.positive for p in prompts.points):
                 return None
@@ -874,6 +884,27 @@ def _boxes_3d_only(prompts: PromptSet | None) -> bool:
     """Whether `prompts` hold boxes, all of them 3D (no slice drawn on), and no oblique box."""
     return (prompts is not None and bool(prompts.boxes) and not prompts.oriented_boxes
             and all(not box.thin_axes() for box in prompts.boxes))
+
+
+def _box3d_seeds(frame_prompts: PromptSet, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What 3D boxes (in frame IJK) say for the seed competition: the boxes grown by a voxel (people draw
+    loose boxes), and labels (1 structure: the central BOX3D_CORE_FRACTION of each side of each box, and
+    positive points; 0 background: beyond the boxes, and negative points; -1 open)."""
+    shape = np.array(image.shape)
+    inside = np.zeros(image.shape, dtype=bool)
+    seeds = appearance_labels(frame_prompts, image)  # the points' own labels; 3D boxes add nothing there
+    cores = []
+    for box in frame_prompts.boxes:
+        lo, hi = np.asarray(box.lo_ijk, dtype=float)[::-1], np.asarray(box.hi_ijk, dtype=float)[::-1]
+        low, high = np.clip(np.floor(lo).astype(int) - 1, 0, shape), np.clip(np.ceil(hi).astype(int) + 2, 0, shape)
+        inside[tuple(slice(a, b) for a, b in zip(low, high))] = True
+        centre, half = (lo + hi) / 2.0, (hi - lo) * BOX3D_CORE_FRACTION / 2.0
+        cores.append(tuple(slice(int(np.clip(np.ceil(c - h), 0, n)), int(np.clip(np.floor(c + h) + 1, 0, n)))
+                           for c, h, n in zip(centre, half, shape)))
+    seeds[~inside & (seeds != 1)] = 0
+    for core in cores:
+        seeds[core] = np.where(seeds[core] == 0, 0, 1)  # a negative point stays background
+    return inside, seeds
 
 
 def _point_keys(prompts: PromptSet) -> frozenset:
