@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ellipsoid
 from weakicl import context_tuning, session
 from weakicl.context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
-from weakicl.session import Segmenter, TaskEmbedding
+from weakicl.session import Segmenter
 from weakicl.simulation import slice_boxes
 from weakicl.volume import Geometry, Volume
 
@@ -84,11 +84,3 @@ def test_only_a_whole_volume_without_registered_context_starts_from_tuned_tokens
     tuning = [fraction for fraction, message in heard if message.startswith("tuning the task")]
     assert len(tuning) == 3 and max(tuning) <= session.ALIGNMENT_SHARE
 
-
-def test_stacking_keeps_each_class_references(segmenter, phantom):
-    volume, truth = phantom
-    tasks = [segmenter.encode_context([(volume, truth)], "a"), segmenter.encode_context([(volume, slice_boxes(truth))], "b")]
-    stacked = TaskEmbedding.stack(tasks)
-    assert [len(items) for items in stacked.references] == [1, 1]
-    assert stacked.references[1][0] is tasks[1].references[0][0]
-    assert TaskEmbedding.stack([tasks[0], TaskEmbedding(tasks[1].tokens, ["tokens only"])]).references == []

@@ -181,13 +181,14 @@ def test_a_whole_volume_with_aligned_context_fills_one_progress_bar_class_by_cla
     assert max(fraction for fraction, _ in aligning) <= session.ALIGNMENT_SHARE
 
 
-def test_stacking_keeps_each_class_atlas(segmenter, phantom):
+def test_stacking_keeps_each_class_atlas_and_tuning_references(segmenter, phantom):
     volume, truth = phantom
     tasks = [segmenter.encode_context([(volume, truth)], "a"), segmenter.encode_context([(volume, slice_boxes(truth))], "b")]
     stacked = TaskEmbedding.stack(tasks)
-    assert [len(items) for items in stacked.atlases] == [1, 1]
-    assert stacked.atlases[1][0] is tasks[1].atlases[0][0]
-    assert TaskEmbedding.stack([tasks[0], TaskEmbedding(tasks[1].tokens, ["tokens only"])]).atlases == []
+    assert [len(items) for items in stacked.atlases] == [1, 1] == [len(items) for items in stacked.references]
+    assert stacked.atlases[1][0] is tasks[1].atlases[0][0] and stacked.references[1][0] is tasks[1].references[0][0]
+    tokens_only = TaskEmbedding.stack([tasks[0], TaskEmbedding(tasks[1].tokens, ["tokens only"])])
+    assert tokens_only.atlases == [] and tokens_only.references == []
 
 
 def test_whole_volume_windows_cover_only_where_the_aligned_context_points(segmenter):

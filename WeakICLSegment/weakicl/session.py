@@ -275,29 +275,31 @@ class Segmenter:
             # tokens come from the structure in its own frame, as targets are segmented (bounded size)
             binary = None if mask is None else np.asarray(mask) > 0.5
             frame = self._frame(volume, prompts, binary)
-            framed_image = frame.sample(prepared.normalized)
+            framed_image, framed_channels = frame.sample(prepared.normalized), self._frame_channels(frame, prompts, binary)
             image_crop, _ = pad_to_multiple(framed_image, self.config.downsampling, self.config.patch_size)
-            channel_crop, _ = pad_to_multiple(self._frame_channels(frame, prompts, binary),
-                                              self.config.downsampling, self.config.patch_size, mode="constant")
+            channel_crop, _ = pad_to_multiple(framed_channels, self.config.downsampling, self.config.patch_size, mode="constant")
             with torch.inference_mode():
                 features = self.model.encode_image(self._tensor(image_crop[None, None]))
                 tokens.append(self.model.encode_task(features, self._tensor(channel_crop[None])).float().cpu())
-            references.append(self._search_reference(volume, prepared, prompts, binary, frame, framed_image, tokens[-1]))
+            references.append(self._search_reference(volume, prepared, prompts, binary, frame, framed_image,
+                                                      framed_channels, tokens[-1]))
         progress(1.0, "context encoded")
         task = TaskEmbedding(torch.cat(tokens).mean(dim=0, keepdim=True), [name], [atlas], [references])
         self._tasks[key] = task
         return task
 
     def _search_reference(self, volume: Volume, prepared: Prepared, prompts: PromptSet | None, mask: np.ndarray | None,
-                          frame: Frame, image: np.ndarray, tokens) -> SearchReference:
+                          frame: Frame, image: np.ndarray, channels: np.ndarray, tokens) -> SearchReference:
         """A reference's crop and what its annotation says for sure there, in a frame of at most
-        SEARCH_TUNING_MAX_SIDE voxels a side (`weakicl.context_tuning`): the `frame` the tokens came from
-        and its `image` where that small (a frame inside a small image is cut to it), else a coarser one."""
+        SEARCH_TUNING_MAX_SIDE voxels a side (`weakicl.context_tuning`): the `frame` the tokens came from,
+        its `image` and prompt `channels` where that small (a frame inside a small image is cut to it),
+        else a coarser one."""
         if max(frame.shape_kji) > SEARCH_TUNING_MAX_SIDE:
             frame = self._frame(volume, prompts, mask, max_shape=SEARCH_TUNING_MAX_SIDE)
             image = frame.sample(prepared.normalized)
+            channels = None if prompts is not None else self._frame_channels(frame, None, mask)
         if prompts is None:
-            labels = (self._frame_channels(frame, None, mask)[MASK_CHANNEL] > 0.5).astype(np.int8)
+            labels = (channels[MASK_CHANNEL] > 0.5).astype(np.int8)
         else:
             labels = appearance_labels(frame.prompts_to_frame(prompts), image)
         multiple, minimum = self.config.downsampling, self.config.patch_size
