@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 SEARCH_TUNING_STEPS = 40  # 20: 0.692, 60: 0.707 on the tuning hippocampi (at 2/3 of the rate below)
 SEARCH_TUNING_RATE = 0.0075  # Adam's step as a share of the tokens' mean norm (0.02 for 10 steps: 0.637)
-SEARCH_TUNING_MAX_SIDE = 64  # voxels a side of the crop tuned on, a coarser frame beyond: 0.25 s a step on 2 CPU cores
+SEARCH_TUNING_MAX_SIDE = 64  # voxels a side of the crop tuned on, a coarser frame beyond (bounds a step's time)
 
 
 @dataclass
