@@ -15,7 +15,10 @@ from weakicl.errors import InputError
 from weakicl.evaluation.baselines import AtlasRegistration, BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
 from weakicl.evaluation.manifest import read_manifest, select_structures
 from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, score
-from weakicl.evaluation.protocols import Method, Settings, evaluate, target_prompts
+from weakicl.evaluation.metrics import dice
+from weakicl.evaluation.protocols import Method, Settings, Trial, evaluate, target_prompts
+from weakicl.prompts import Box, PromptSet
+from weakicl.volume import Geometry, Volume
 from weakicl.simulation import slice_fractions
 from weakicl.evaluation.runner import add_evaluate_arguments, run_evaluate
 from weakicl.simulation import FULL_CONNECTIVITY
@@ -262,6 +265,17 @@ def test_slicer_growcut_segments_a_bright_ellipsoid(synthetic_manifest):
     cases, document = read_manifest(synthetic_manifest)
     structure = select_structures(cases, document, "validation", False)[0]
     assert evaluate(GrowCut("slicer"), structure, Settings("propagate"), []).scores.dice > 0.85
+
+
+@pytest.mark.skipif(growcut_backend() != "slicer", reason="slicer-core (vtkImageGrowCutSegment) not installed")
+def test_slicer_growcut_takes_a_structure_on_two_thick_slices():
+    """vtkImageGrowCutSegment refuses an image under 3 voxels a side: a crop of two slices is padded for it."""
+    truth = np.zeros((2, 24, 24), dtype=bool)
+    truth[:, 8:16, 8:16] = True
+    volume = Volume(np.where(truth, 100.0, 0.0).astype(np.float32), Geometry.identity(truth.shape, (1.0, 1.0, 9.0)), "CT")
+    boxes = PromptSet(boxes=[Box((8, 8, k), (15, 15, k)) for k in (0, 1)])
+    mask = GrowCut("slicer").segment(Trial(None, volume, boxes, [(volume, boxes)]), [], None)
+    assert mask.shape == truth.shape and dice(mask, truth) > 0.9
 
 
 def test_box_interpolation_clicks_paint_and_growcut_clicks_seed(synthetic_manifest):

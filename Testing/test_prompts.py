@@ -70,6 +70,22 @@ def test_voxel_json(tmp_path):
     assert prompts.boxes == [Box((1, 2, 3), (5, 6, 3))] and prompts.points == [Point((4, 4, 4), False)]
 
 
+def test_a_box_one_voxel_across_joins_the_slice_axis_of_the_other_boxes():
+    """On thick slices the end of a structure can be one or two voxels across: tight around it, a box is a
+    line, or a box the hull would not interpolate with the others."""
+    geometry = Geometry.identity((10, 12, 14))
+    line = Box((5, 4, 2), (5, 6, 2))  # thin along i and along the slice axis k
+    prompts = PromptSet(boxes=[line, Box((3, 3, 5), (7, 8, 5))]).validate(geometry)
+    widened = prompts.boxes[0]
+    assert widened.thin_axes() == [2] and widened.lo_ijk == (4.0, 4.0, 2.0) and widened.hi_ijk == (6.0, 6.0, 2.0)
+    two_wide = PromptSet(boxes=[Box((0, 4, 2), (1, 9, 2)), Box((3, 3, 5), (7, 8, 5))]).validate(geometry).boxes[0]
+    assert two_wide.lo_ijk == (0.0, 4.0, 2.0) and two_wide.hi_ijk == (2.0, 9.0, 2.0)  # widened inside the image
+    with pytest.raises(InputError, match="less than one voxel along 2 axes"):  # alone, or among boxes of another axis
+        PromptSet(boxes=[line]).validate(geometry)
+    with pytest.raises(InputError, match="less than one voxel along 2 axes"):
+        PromptSet(boxes=[line, Box((3, 5, 1), (7, 5, 6))]).validate(geometry)
+
+
 @pytest.mark.parametrize("document, message", [
     ({"boxes": [{"min": [20, 0, 0], "max": [40, 2, 2]}]}, "outside the image"),
     ({"boxes": [{"min": [2, 2, 2], "max": [2, 2.5, 6]}]}, "less than one voxel along 2 axes"),

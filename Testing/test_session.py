@@ -206,6 +206,20 @@ def test_whole_volume_windows_cover_only_where_the_aligned_context_points(segmen
     assert plain.changed_kji == tuple(slice(0, n) for n in geometry.shape_kji)
 
 
+def test_tokens_alone_search_a_large_volume_coarse_first_as_the_aligned_context_does(segmenter, monkeypatch):
+    """Without the registered context every window at full scale took 22 s on a 128x256x256 phantom
+    against 4 s seen whole and coarse (and found less of it: Dice 0.34 against 0.59)."""
+    geometry = Geometry.identity((32, 64, 64))
+    truth = ellipsoid(geometry.shape_kji, (16, 14, 14), (5, 5, 5))
+    volume = Volume((80 * truth).astype(np.float32), geometry, "MR")
+    task = segmenter.encode_context([(volume, truth)])
+    first_pass, coarse = segmenter._first_pass, []
+    monkeypatch.setattr(segmenter, "_first_pass", lambda *args, **kwargs: coarse.append(kwargs["coarse"]) or first_pass(*args, **kwargs))
+    segmenter.segment(volume, task, align_context=False)
+    segmenter.segment(volume, task, align_context=False, network_only=True)  # the ablation: every window as it is
+    assert coarse == [True, False]
+
+
 def test_windows_in_batches_give_the_windows_one_at_a_time(segmenter, phantom):
     volume, truth = phantom
     tasks = [segmenter.encode_context([(volume, truth)], "a"), segmenter.encode_context([(volume, slice_boxes(truth))], "b")]

@@ -75,9 +75,13 @@ class PromptSet:
         """The prompts to use: boxes past the image edge clipped to it (with a warning: Slicer users drag
         boxes past the edge). Raise InputError for empty sets, non-finite coordinates, inverted boxes, boxes
         under one voxel along two or more axes (a slice box is thin along one axis only), boxes wholly
-        outside the image and points outside it."""
+        outside the image and points outside it. A box thin along several axes, one of them the slice axis
+        of the set's other boxes, is theirs: a slice box THIN_BOX_VOXELS wide about its centre along the
+        others (a structure one or two voxels across on a slice, the end of a hippocampus on 10 mm slices,
+        whose tight box is a line; else it would neither be interpolated with them nor be a valid box)."""
         if require_prompts and self.is_empty():
             raise InputError("no prompts given: draw at least one box or point")
+        slice_axis = self._common_slice_axis(geometry)
         boxes = []
         for number, box in enumerate(self.boxes, 1):
             if not np.all(np.isfinite(box.lo_ijk + box.hi_ijk)):
@@ -90,6 +94,9 @@ class PromptSet:
             if clipped != box and not geometry.contains_ijk(np.array([box.lo_ijk, box.hi_ijk])).all():
                 log.warning("box %d reaches past the image edge; clipped to IJK %s-%s", number, _rounded(clipped.lo_ijk), _rounded(clipped.hi_ijk))
             extent = np.subtract(clipped.hi_ijk, clipped.lo_ijk)
+            if slice_axis is not None and len(clipped.thin_axes()) >= 2 and slice_axis in clipped.thin_axes():
+                clipped = _as_slice_box(clipped, slice_axis, geometry)
+                extent = np.subtract(clipped.hi_ijk, clipped.lo_ijk)
             if np.sum(extent < MIN_BOX_VOXELS) >= 2:
                 raise InputError(f"box {number} spans less than one voxel along {np.sum(extent < MIN_BOX_VOXELS)} axes "
                                  f"(IJK extent {_rounded(extent)}): draw a box around the structure on a slice")
@@ -98,6 +105,16 @@ class PromptSet:
             if not np.all(np.isfinite(point.ijk)) or not geometry.contains_ijk(point.ijk).all():
                 raise InputError(f"point {number} at IJK {_rounded(point.ijk)} lies outside the image")
         return PromptSet(boxes, list(self.points), list(self.oriented_boxes))
+
+    def _common_slice_axis(self, geometry: Geometry) -> int | None:
+        """The IJK axis along which every slice box of the set (a box thin along one axis only) is thin,
+        or None (no slice box, or slice boxes of different axes)."""
+        axes = set()
+        for box in self.boxes:
+            clipped = clip_box(box, geometry) if np.all(np.isfinite(box.lo_ijk + box.hi_ijk)) else None
+            if clipped is not None and len(clipped.thin_axes()) == 1:
+                axes.add(clipped.thin_axes()[0])
+        return axes.pop() if len(axes) == 1 else None
 
     def to_voxel_json(self) -> dict:
         return {
@@ -117,6 +134,19 @@ def clip_box(box: Box, geometry: Geometry) -> Box | None:
         return None
     clipped = Box(tuple(lo), tuple(hi))
     return box if clipped == box else clipped
+
+
+def _as_slice_box(box: Box, slice_axis: int, geometry: Geometry) -> Box:
+    """`box` widened about its centre to THIN_BOX_VOXELS along each of its thin axes but `slice_axis`
+    (less where the image is narrower), kept inside the image: a slice box of that axis."""
+    lo, hi = np.array(box.lo_ijk, dtype=float), np.array(box.hi_ijk, dtype=float)
+    last = np.asarray(geometry.shape_ijk, dtype=float) - 1
+    for axis in box.thin_axes():
+        if axis != slice_axis:
+            width = min(THIN_BOX_VOXELS, last[axis])
+            start = np.clip((lo[axis] + hi[axis] - width) / 2, 0.0, last[axis] - width)
+            lo[axis], hi[axis] = start, start + width
+    return Box(tuple(lo), tuple(hi))
 
 
 def _rounded(values) -> tuple[float, ...]:

@@ -27,6 +27,7 @@ CLICK_RADIUS_MM = 3.0  # a corrective click paints or erases a ball of this radi
 SEED_FRACTION = 0.5  # foreground seeds: the central half of each box, which lies inside convex-ish shapes
 RANDOM_WALKER_BETA = 500.0  # for intensities scaled to [0, 1] by the crop's 1st-99th percentiles
 CROP_MARGIN_VOX = 3  # voxels of background seeds kept around GrowCut's unknown region
+GROWCUT_MIN_SIDE = 3  # voxels a side below which Slicer's vtkImageGrowCutSegment refuses an image
 HULL, POSITIVE, NEGATIVE = (PROMPT_CHANNELS.index(name) for name in ("box_hull", "positive", "negative"))
 
 
@@ -189,6 +190,8 @@ def _shrunken(box: Box) -> tuple[slice, slice, slice]:
 
 
 def _grow_slicer(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Slicer's GrowCut labels; a crop thinner than the 3 voxels a side it requires (a structure on one
+    or two thick slices) is padded for it with its edge intensities and unknown seeds, then cut back."""
     import slicer
     from vtkmodules.util import numpy_support
     from vtkmodules.vtkCommonDataModel import vtkImageData
@@ -199,11 +202,14 @@ def _grow_slicer(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
         return data
 
+    padding = [(0, max(GROWCUT_MIN_SIDE - n, 0)) for n in image.shape]
     grower = slicer.vtkImageGrowCutSegment()
-    grower.SetIntensityVolume(as_vtk(image))
-    grower.SetSeedLabelVolume(as_vtk(seeds))
+    grower.SetIntensityVolume(as_vtk(np.pad(image, padding, mode="edge")))
+    grower.SetSeedLabelVolume(as_vtk(np.pad(seeds, padding)))
     grower.Update()
-    return numpy_support.vtk_to_numpy(grower.GetOutput().GetPointData().GetScalars()).reshape(image.shape)
+    padded_shape = tuple(n + after for n, (_, after) in zip(image.shape, padding))
+    labels = numpy_support.vtk_to_numpy(grower.GetOutput().GetPointData().GetScalars()).reshape(padded_shape)
+    return labels[tuple(slice(0, n) for n in image.shape)]
 
 
 def _random_walker(image: np.ndarray, seeds: np.ndarray, spacing_kji: tuple[float, float, float]) -> np.ndarray:
