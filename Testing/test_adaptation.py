@@ -33,21 +33,6 @@ def test_central_voxels_that_look_like_the_surroundings_are_not_taken_as_structu
     assert np.all(flat[1][core] == 1)  # nothing tells them apart: the whole centre stands
 
 
-def test_a_box_whose_centre_tissue_reaches_none_of_its_sides_seeds_the_wall_around_it():
-    """A myocardium around its blood pool: the pool fills the box's centre but stays a wall's thickness
-    from every side of a tight box, so the seeds move to the wall and the pool is left to the image."""
-    j, i = np.ogrid[:60, :60]
-    radius = np.sqrt((j - 30.0) ** 2 + (i - 30.0) ** 2)
-    pool, wall = radius <= 10, (radius > 10) & (radius <= 15)
-    image = np.zeros((3, 60, 60), np.float32)
-    image[:] = np.where(pool, 2.0, np.where(wall, 1.0, 0.0))
-    labels = appearance_labels(PromptSet([Box((15, 15, 1), (45, 45, 1))]), image)[1]
-    assert np.all(labels[pool] == -1) and np.count_nonzero(labels[wall] == 1) > 0.5 * np.count_nonzero(wall)
-    assert np.all(wall[labels == 1])  # the box's corners look like the surroundings: no seeds there
-    disc = appearance_labels(PromptSet([Box((20, 20, 1), (40, 40, 1))]), image)[1]  # tight around the pool and
-    assert np.all(disc[25:36, 25:36] == 1)  # ... its wall's inner half: the centre reaches the sides, stands
-
-
 def test_a_negative_click_deep_in_the_previous_result_drops_the_box_centre_seeds_of_its_tissue():
     """A box whose centre holds two tissues (the structure at 1.0, another organ at 0.0): a negative click
     deep inside the previous result on the other organ says that tissue is not the structure; on the

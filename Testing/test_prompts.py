@@ -80,6 +80,8 @@ def test_a_box_one_voxel_across_joins_the_slice_axis_of_the_other_boxes():
     assert widened.thin_axes() == [2] and widened.lo_ijk == (4.0, 4.0, 2.0) and widened.hi_ijk == (6.0, 6.0, 2.0)
     two_wide = PromptSet(boxes=[Box((0, 4, 2), (1, 9, 2)), Box((3, 3, 5), (7, 8, 5))]).validate(geometry).boxes[0]
     assert two_wide.lo_ijk == (0.0, 4.0, 2.0) and two_wide.hi_ijk == (2.0, 9.0, 2.0)  # widened inside the image
+    fractional = PromptSet(boxes=[Box((0.33585575305464355, 4, 2), (1.9256712853128057, 6, 2)), Box((3, 3, 5), (7, 8, 5))])
+    assert fractional.validate(geometry).boxes[0].thin_axes() == [2]  # a slice box despite rounding
     with pytest.raises(InputError, match="less than one voxel along 2 axes"):  # alone, or among boxes of another axis
         PromptSet(boxes=[line]).validate(geometry)
     with pytest.raises(InputError, match="less than one voxel along 2 axes"):

@@ -90,8 +90,8 @@ def limitations(rows: list[dict]) -> list[str]:
         "its boundaries are less exact than within-volume propagation (see HD95 below). Without registration "
         "(`--no-align`) the task tokens, tuned on the references to find the structure alone, must find it "
         "(`model-unaligned` below); across modalities they find nothing.",
-        "- A slice box around a ring (a myocardium around its blood pool) does not say whether what the ring encloses "
-        "belongs to it: the engine takes both, and a negative click inside removes it (`scripts/ring_phantom.py`). "
+        "- A slice box around a ring (a myocardium around its blood pool) is taken for what the ring encloses: the engine "
+        "segments the pool, below the boxes themselves, and clicks do not fix it (`scripts/ring_phantom.py`). "
         "Where a box lies on every slice of a small structure on 9-10 mm slices, the result is no better than the "
         "boxes (reports/engine-0.11-thick10).",
         f"- Evaluated on one public collection with a fixed split and {unseen or 'no'} unseen structures: no pathology, "

@@ -1,4 +1,4 @@
-"""A ring whose box centre is another structure (a myocardium around its blood pool), measured on a phantom.
+"""A known failure, measured: a ring whose box centre is another structure (a myocardium around its blood pool).
 
     python scripts/ring_phantom.py [--weights FILE] [--out reports/ring-phantom/ring_phantom.json]
 
@@ -6,9 +6,9 @@ A cine-MR-like short-axis phantom (1.5 mm pixels, 8 mm slices): a bright blood p
 bright crescent beside it (a right ventricle), mid-grey tissue around, noise. Each of the three structures
 is propagated from 3 tight slice boxes (the evaluation's prompts), then corrected by 5 clicks of the
 evaluation's protocol (`benchmark_engine.interactive`); Slicer's GrowCut (slicer-core, else scikit-image's random walker) and box
-interpolation from the same boxes are the references. It measures what the engine does where the centre
-of a box is not the structure, which the evaluation data barely hold (reports/wide-look) and a cardiac MR
-does (`adaptation.ENCLOSED_CENTRE_GAP`: before it, the myocardium got 0.02 from its boxes).
+interpolation from the same boxes are the references. Nothing here is tuned on it: it documents what the
+engine does where the centre of a box is not the structure, which the evaluation data barely hold
+(reports/wide-look) and a cardiac MR does.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
 
 from .prompts import PromptSet
 
@@ -28,10 +27,6 @@ CORE_FRACTION = 0.5  # central part of a slice box taken as the structure, as Gr
 CORE_TYPICALITY: float | None = 0.6  # an intensity's share p_inside / (p_inside + p_around) of the slice boxes
 # below which a central voxel is left unknown (None: the whole central half is structure); chosen among 0.4-0.7
 # on training tasks (reports/tuning-typicality)
-ENCLOSED_CENTRE_GAP: float = 0.12  # the box-centre tissue's least gap to its box's sides (share of the box)
-# on every slice box from which the seeds move to the wall around it (a ring: a myocardium around its
-# blood pool, scripts/ring_phantom.py: 0.02 -> 0.62 from its boxes, the pool and the right ventricle
-# unchanged); the evaluation's tuning, validation and unseen structures, tight or jittered, are unchanged
 MIN_CORE_KEPT = 0.1  # each box keeps at least this share of its central voxels, its most typical
 TYPICALITY_BINS = 32
 CONTRADICTION_DEPTH: float | None = 2.0  # frame voxels inside the previous result a negative click must lie
@@ -47,17 +42,13 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
     outside it (one voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3
     voxels of each point prompt its side, -1 unknown. Central voxels whose intensity is more typical of
     the boxes' surroundings than of their inside stay unknown (`_inside_share`): a box's centre is
-    not always the structure (a crescent, a ring, fat between organs). Where the tissue at the centre
-    of every slice box reaches none of its box's sides by ENCLOSED_CENTRE_GAP of the box's size, the
-    boxes hold a ring (a myocardium around its blood pool, whose tight box the pool does not reach): the
-    seeds are the wall around that tissue instead, and the tissue is left unknown (`_enclosed_centre`;
-    a box around a ring does not say whether what it encloses belongs to it). With `previous` (a correction's
+    not always the structure (a crescent, a ring, fat between organs). With `previous` (a correction's
     previous result in the frame), a negative click deep inside it also makes the box-centre seeds of its
     tissue unknown (`_drop_contradicted_seeds`). `frame_prompts` are in frame IJK
     (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
     shape_kji = image.shape
     labels = np.full(shape_kji, -1, dtype=np.int8)
-    cores, insides, bands, enclosures = [], [], [], []
+    cores, insides, bands = [], [], []
     for box in frame_prompts.boxes:
         lo, hi = np.asarray(box.lo_ijk, dtype=float)[::-1], np.asarray(box.hi_ijk, dtype=float)[::-1]
         thin = [axis for axis in range(3) if hi[axis] - lo[axis] < 1.0]
@@ -81,15 +72,8 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
         sheet[core] = 1
         values = image[tuple(index)]
         cores.append((tuple(index), core, values[core]))
-        rectangle = _rectangle(sheet.shape, low, high)
-        insides.append(values[rectangle])
+        insides.append(values[_rectangle(sheet.shape, low, high)])
         bands.append(values[band])
-        enclosures.append(_enclosed_centre(values, rectangle, centre))
-    told = [enclosure for enclosure in enclosures if enclosure is not None]
-    if told and all(enclosure[1] >= ENCLOSED_CENTRE_GAP for enclosure in told):  # a ring, not a blob in a loose box
-        for number, ((index, core, _), enclosure) in enumerate(zip(cores, enclosures)):
-            if enclosure is not None:
-                cores[number] = (index,) + _around_enclosed_centre(labels[index], image[index], core, enclosure)
     if cores and CORE_TYPICALITY is not None:
         share = _inside_share(insides, bands)
         for index, core, values in cores:
@@ -105,44 +89,6 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
         if np.all(hi > lo):
             labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
     return labels
-
-
-def _enclosed_centre(values: np.ndarray, rectangle: np.ndarray, centre: np.ndarray) -> tuple | None:
-    """The tissue at a slice box's centre (pixels of the box connected to its central 3x3 within two
-    interquartile ranges of the central half's median, holes filled), its smallest gap to a side of the
-    box as a share of the box's size along that axis, that gap in pixels, and the box's `rectangle`;
-    None for a box too small to tell."""
-    rows, cols = np.flatnonzero(rectangle.any(axis=1)), np.flatnonzero(rectangle.any(axis=0))
-    height, width = len(rows), len(cols)
-    if min(height, width) < 5:
-        return None
-    box = values[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    half = box[height // 4: height - height // 4, width // 4: width - width // 4]
-    low, median, high = np.percentile(half, [25, 50, 75])
-    components, _ = ndimage.label(np.abs(box - median) <= 2.0 * max(high - low, 1e-6))
-    row, col = int(np.clip(round(centre[0]) - rows[0], 1, height - 2)), int(np.clip(round(centre[1]) - cols[0], 1, width - 2))
-    found = np.setdiff1d(components[row - 1:row + 2, col - 1:col + 2], [0])
-    if found.size == 0:
-        return None
-    tissue = ndimage.binary_fill_holes(np.isin(components, found))
-    held_rows, held_cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
-    gaps = np.array([held_rows[0], height - 1 - held_rows[-1], held_cols[0], width - 1 - held_cols[-1]])
-    shares = gaps / np.array([height, height, width, width], dtype=float)
-    region = np.zeros(values.shape, dtype=bool)
-    region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = tissue
-    return region, float(shares.min()), int(gaps.min()), rectangle
-
-
-def _around_enclosed_centre(sheet: np.ndarray, values: np.ndarray, core: np.ndarray, enclosure: tuple) -> tuple:
-    """In place on a box's `sheet` of labels: the box-centre seeds move to the shell around the centre's
-    tissue, as thick as its gap to the box's sides and inside the box (a ring's wall around what it
-    holds); the tissue itself is left unknown. Returns the shell and its values, the box's new core for
-    the typicality step."""
-    region, _, gap, rectangle = enclosure
-    shell = ndimage.binary_dilation(region, iterations=max(1, gap)) & ~region & rectangle
-    sheet[core] = -1
-    sheet[shell] = 1
-    return shell, values[shell]
 
 
 def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray) -> None:

@@ -74,8 +74,9 @@ class PromptSet:
     def validate(self, geometry: Geometry, require_prompts: bool = True) -> PromptSet:
         """The prompts to use: boxes past the image edge clipped to it (with a warning: Slicer users drag
         boxes past the edge). Raise InputError for empty sets, non-finite coordinates, inverted boxes, boxes
-        under one voxel along two or more axes (a slice box is thin along one axis only), boxes wholly
-        outside the image and points outside it. A box thin along several axes, one of them the slice axis
+        under one voxel along two or more axes (a slice box is thin along one axis only) that are not
+        slice boxes of the set as below, boxes wholly outside the image and points outside it. A box thin
+        along several axes (a line or a dot included), one of them the slice axis
         of the set's other boxes, is theirs: a slice box THIN_BOX_VOXELS wide about its centre along the
         others (a structure one or two voxels across on a slice, the end of a hippocampus on 10 mm slices,
         whose tight box is a line; else it would neither be interpolated with them nor be a valid box)."""
@@ -146,6 +147,8 @@ def _as_slice_box(box: Box, slice_axis: int, geometry: Geometry) -> Box:
             width = min(THIN_BOX_VOXELS, last[axis])
             start = np.clip((lo[axis] + hi[axis] - width) / 2, 0.0, last[axis] - width)
             lo[axis], hi[axis] = start, start + width
+            if hi[axis] - lo[axis] < width:  # rounding: 0.34 + 2.0 - 0.34 can be 1.9999999999999998
+                hi[axis] = np.nextafter(hi[axis], np.inf)
     return Box(tuple(lo), tuple(hi))
 
 

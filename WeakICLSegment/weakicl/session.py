@@ -453,7 +453,7 @@ class Segmenter:
         spacing_kji = np.asarray(grid.working_spacing_ijk, dtype=float)[::-1]
         probabilities[everywhere] = self._first_pass(image[roi], spacing_kji, searching, first_progress,
                                                      None if priors is None else priors[everywhere],
-                                                     coarse=not network_only)
+                                                     coarse=refine or (priors is not None and not network_only))
         if priors is not None and not network_only:
             for values, prior in zip(probabilities, priors):
                 _drop_components_off(values, prior, PRIOR_SEARCH_LEVEL)

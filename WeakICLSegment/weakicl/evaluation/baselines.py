@@ -191,7 +191,8 @@ def _shrunken(box: Box) -> tuple[slice, slice, slice]:
 
 def _grow_slicer(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Slicer's GrowCut labels; a crop thinner than the 3 voxels a side it requires (a structure on one
-    or two thick slices) is padded for it with its edge intensities and unknown seeds, then cut back."""
+    or two thick slices) is padded for it by one voxel on both sides, with its edge intensities and
+    unknown seeds, then cut back."""
     import slicer
     from vtkmodules.util import numpy_support
     from vtkmodules.vtkCommonDataModel import vtkImageData
@@ -202,14 +203,14 @@ def _grow_slicer(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
         return data
 
-    padding = [(0, max(GROWCUT_MIN_SIDE - n, 0)) for n in image.shape]
-    grower = slicer.vtkImageGrowCutSegment()
+    padding = [(1, 1) if n < GROWCUT_MIN_SIDE else (0, 0) for n in image.shape]  # on both sides: one-sided, a
+    grower = slicer.vtkImageGrowCutSegment()  # single slice grew nothing beyond its seeds
     grower.SetIntensityVolume(as_vtk(np.pad(image, padding, mode="edge")))
     grower.SetSeedLabelVolume(as_vtk(np.pad(seeds, padding)))
     grower.Update()
-    padded_shape = tuple(n + after for n, (_, after) in zip(image.shape, padding))
+    padded_shape = tuple(n + before + after for n, (before, after) in zip(image.shape, padding))
     labels = numpy_support.vtk_to_numpy(grower.GetOutput().GetPointData().GetScalars()).reshape(padded_shape)
-    return labels[tuple(slice(0, n) for n in image.shape)]
+    return labels[tuple(slice(before, before + n) for n, (before, _) in zip(image.shape, padding))]
 
 
 def _random_walker(image: np.ndarray, seeds: np.ndarray, spacing_kji: tuple[float, float, float]) -> np.ndarray:
