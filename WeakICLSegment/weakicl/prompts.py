@@ -96,7 +96,7 @@ class PromptSet:
                 log.warning("box %d reaches past the image edge; clipped to IJK %s-%s", number, _rounded(clipped.lo_ijk), _rounded(clipped.hi_ijk))
             extent = np.subtract(clipped.hi_ijk, clipped.lo_ijk)
             if slice_axis is not None and len(clipped.thin_axes()) >= 2 and slice_axis in clipped.thin_axes():
-                clipped = _as_slice_box(clipped, slice_axis, geometry)
+                clipped = widened_slice_box(clipped, slice_axis, geometry.shape_ijk)
                 extent = np.subtract(clipped.hi_ijk, clipped.lo_ijk)
             if np.sum(extent < MIN_BOX_VOXELS) >= 2:
                 raise InputError(f"box {number} spans less than one voxel along {np.sum(extent < MIN_BOX_VOXELS)} axes "
@@ -137,11 +137,12 @@ def clip_box(box: Box, geometry: Geometry) -> Box | None:
     return box if clipped == box else clipped
 
 
-def _as_slice_box(box: Box, slice_axis: int, geometry: Geometry) -> Box:
-    """`box` widened about its centre to THIN_BOX_VOXELS along each of its thin axes but `slice_axis`
-    (less where the image is narrower), kept inside the image: a slice box of that axis."""
+def widened_slice_box(box: Box, slice_axis: int, shape_ijk) -> Box:
+    """`box`, drawn on a slice across IJK axis `slice_axis`, at least THIN_BOX_VOXELS wide about its centre
+    along the other two axes (less where the image of `shape_ijk` voxels is narrower), within the image:
+    a slice box of that axis."""
     lo, hi = np.array(box.lo_ijk, dtype=float), np.array(box.hi_ijk, dtype=float)
-    last = np.asarray(geometry.shape_ijk, dtype=float) - 1
+    last = np.asarray(shape_ijk, dtype=float) - 1
     for axis in box.thin_axes():
         if axis != slice_axis:
             width = min(THIN_BOX_VOXELS, last[axis])

@@ -31,8 +31,8 @@ from .geodesic import BACKGROUND_GAP_MM, GEODESIC_WEIGHT, HULL_GAPS, ellipsoid_e
 from .progress import ProgressCallback, silent
 from .preprocess import (WorkingGrid, bounding_box, linear_resample, normalize_intensity, pad_to_multiple, roi_around,
                          roi_from_bounds)
-from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, THIN_BOX_VOXELS, Box, Point, PromptSet, foreground_prior,
-                      rasterize)
+from .prompts import (MASK_CHANNEL, POINT_RADIUS_MM, PROMPT_CHANNELS, Box, Point, PromptSet, foreground_prior,
+                      rasterize, widened_slice_box)
 from .registration import AtlasItem, atlas_prior
 from .simulation import FULL_CONNECTIVITY, largest_component, slice_boxes, slice_fractions
 from .volume import Geometry, Volume, volume_digest
@@ -799,7 +799,7 @@ def own_slice_boxes(sure: np.ndarray, spacing_ijk) -> PromptSet | None:
     largest[crop] = largest_component(sure[crop])
     axis_kji = _box_axis_kji(sizes_kji, spacing_ijk)
     boxes = slice_boxes(largest, slice_fractions(OWN_BOX_SLICES), axis=axis_kji).boxes
-    return PromptSet(boxes=[_widened(box, sizes_kji, axis_kji) for box in boxes])
+    return PromptSet(boxes=[widened_slice_box(box, 2 - axis_kji, np.asarray(sizes_kji)[::-1]) for box in boxes])
 
 
 def point_slice_boxes(mask: np.ndarray, points: Sequence[Point], spacing_ijk) -> list[Box]:
@@ -846,7 +846,7 @@ def point_slice_boxes(mask: np.ndarray, points: Sequence[Point], spacing_ijk) ->
         lo, hi = bounding_box(held)  # reaching every positive point on the slice, where the structure must be too
         lo, hi = np.minimum(lo + origin[plane], on_slice.min(axis=0)), np.maximum(hi + origin[plane], on_slice.max(axis=0))
         lo_kji, hi_kji = (np.insert(bound.astype(float), axis_kji, float(position)) for bound in (lo, hi))
-        boxes.append(_widened(Box(tuple(lo_kji[::-1]), tuple(hi_kji[::-1])), sizes_kji, axis_kji))
+        boxes.append(widened_slice_box(Box(tuple(lo_kji[::-1]), tuple(hi_kji[::-1])), 2 - axis_kji, np.asarray(sizes_kji)[::-1]))
     return boxes
 
 
@@ -855,19 +855,6 @@ def _box_axis_kji(sizes_kji: np.ndarray, spacing_ijk) -> int:
     one voxel, else the coarsest (a thick-slice scan's own slices)."""
     single = np.flatnonzero(np.asarray(sizes_kji) == 1)
     return int(single[0]) if single.size else int(np.argmax(np.asarray(spacing_ijk, dtype=float)[::-1]))
-
-
-def _widened(box: Box, sizes_kji: np.ndarray, axis_kji: int) -> Box:
-    """`box`, drawn on a slice across `axis_kji`, at least THIN_BOX_VOXELS wide along the other two
-    axes, within the image."""
-    lo, hi = np.array(box.lo_ijk, dtype=float), np.array(box.hi_ijk, dtype=float)
-    size_ijk = np.asarray(sizes_kji)[::-1]
-    for axis in range(3):
-        if axis != 2 - axis_kji and hi[axis] - lo[axis] < THIN_BOX_VOXELS:
-            width = min(THIN_BOX_VOXELS, size_ijk[axis] - 1.0)
-            lo[axis] = min(max((lo[axis] + hi[axis] - width) / 2, 0.0), size_ijk[axis] - 1.0 - width)
-            hi[axis] = lo[axis] + width
-    return Box(tuple(lo), tuple(hi))
 
 
 def _with_drawn_boxes(prompts: PromptSet, mask: np.ndarray, spacing_ijk) -> PromptSet:
