@@ -96,6 +96,26 @@ def test_prompts_land_in_the_frame_where_the_image_puts_them():
     np.testing.assert_allclose(centre, expected, atol=1.0)
 
 
+def test_a_small_slice_box_stays_a_slice_box_in_a_frame_coarser_than_the_image():
+    """0.5 mm pixels seen on the 1 mm working grid: a box 2 pixels across is 1 frame voxel across, which
+    alone would make it a line (thin along two axes) and rasterise it as a 3D box."""
+    spacing_kji = np.array([3.0, 0.5, 0.5])
+    small = Box((40.0, 50.0, 10.0), (42.0, 52.0, 10.0))  # a slice box on k = 10, 2 pixels across
+    far = Box((150.0, 150.0, 12.0), (152.0, 152.5, 12.0))  # as small, outside the frame below
+    prompts = PromptSet([small, Box((30.0, 40.0, 14.0), (60.0, 70.0, 14.0)), far])
+    lo, hi = prompt_extent_kji(PromptSet(prompts.boxes[:2]), None)
+    spec = FrameSpec()
+    frame = frame_around(lo, hi, spacing_kji, (20, 200, 200), frame_spacing(lo, hi, spacing_kji, spec), spec, minimum_voxels=16)
+    assert np.allclose(frame.step_kji[1:], 2.0)
+    framed = frame.prompts_to_frame(prompts)
+    assert [box.thin_axes() for box in framed.boxes] == [[2], [2], [2]]
+    for original, box in zip(prompts.boxes[::2], framed.boxes[::2]):  # widened about its centre, not moved
+        centre = (np.add(original.lo_ijk, original.hi_ijk) / 2 - frame.origin_kji[::-1]) / frame.step_kji[::-1]
+        np.testing.assert_allclose(np.add(box.lo_ijk, box.hi_ijk) / 2, centre, atol=1e-9)
+    assert framed.boxes[1] == Box(*(tuple((np.asarray(c) - frame.origin_kji[::-1]) / frame.step_kji[::-1])
+                                    for c in (prompts.boxes[1].lo_ijk, prompts.boxes[1].hi_ijk)))
+
+
 def test_an_array_moves_between_frames_over_the_same_image_as_if_sampled_into_each():
     k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (20, 24, 28)], indexing="ij")
     original = 2 * k + j - 0.5 * i  # linear: interpolation is exact

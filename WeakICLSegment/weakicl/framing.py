@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .preprocess import bounding_box, linear_resample
-from .prompts import Box, Point, PromptSet
+from .prompts import Box, Point, PromptSet, widened_slice_box
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,22 @@ class Frame:
                                other.shape_kji, fill)
 
     def prompts_to_frame(self, prompts: PromptSet) -> PromptSet:
-        """Prompts in original IJK -> frame IJK (slice boxes stay thin: their thickness is kept below a voxel)."""
+        """Prompts in original IJK -> frame IJK. A slice box stays a slice box of its axis: where the frame
+        is coarser than the image in-plane, a box a few voxels across would turn thin along its other
+        axes too (a line or a dot, rasterised as a 3D box), so it is widened there as `PromptSet.validate`
+        widens one on the image."""
         step_ijk, origin_ijk = self.step_kji[::-1], self.origin_kji[::-1]
 
         def convert(ijk) -> tuple[float, float, float]:
             return tuple((np.asarray(ijk, dtype=float) - origin_ijk) / step_ijk)
 
-        boxes = [Box(convert(b.lo_ijk), convert(b.hi_ijk)) for b in prompts.boxes]
+        def box_in_frame(box: Box) -> Box:
+            framed, thin = Box(convert(box.lo_ijk), convert(box.hi_ijk)), box.thin_axes()
+            if len(thin) == 1 and len(framed.thin_axes()) > 1:
+                framed = widened_slice_box(framed, thin[0])
+            return framed
+
+        boxes = [box_in_frame(b) for b in prompts.boxes]
         points = [Point(convert(p.ijk), p.positive) for p in prompts.points]
         oriented = [b.mapped(lambda ijk: (np.asarray(ijk, dtype=float) - origin_ijk) / step_ijk) for b in prompts.oriented_boxes]
         return PromptSet(boxes, points, oriented)

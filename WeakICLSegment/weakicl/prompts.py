@@ -137,16 +137,18 @@ def clip_box(box: Box, geometry: Geometry) -> Box | None:
     return box if clipped == box else clipped
 
 
-def widened_slice_box(box: Box, slice_axis: int, shape_ijk) -> Box:
+def widened_slice_box(box: Box, slice_axis: int, shape_ijk=None) -> Box:
     """`box`, drawn on a slice across IJK axis `slice_axis`, at least THIN_BOX_VOXELS wide about its centre
-    along the other two axes (less where the image of `shape_ijk` voxels is narrower), within the image:
-    a slice box of that axis."""
+    along the other two axes (less where the image of `shape_ijk` voxels is narrower), within the image
+    (anywhere with `shape_ijk` None: a frame's boxes may lie beyond it): a slice box of that axis."""
     lo, hi = np.array(box.lo_ijk, dtype=float), np.array(box.hi_ijk, dtype=float)
-    last = np.asarray(shape_ijk, dtype=float) - 1
+    last = np.full(3, np.inf) if shape_ijk is None else np.asarray(shape_ijk, dtype=float) - 1
     for axis in box.thin_axes():
         if axis != slice_axis:
             width = min(THIN_BOX_VOXELS, last[axis])
-            start = np.clip((lo[axis] + hi[axis] - width) / 2, 0.0, last[axis] - width)
+            start = (lo[axis] + hi[axis] - width) / 2
+            if shape_ijk is not None:
+                start = float(np.clip(start, 0.0, last[axis] - width))
             lo[axis], hi[axis] = start, start + width
             if hi[axis] - lo[axis] < width:  # rounding: 0.34 + 2.0 - 0.34 can be 1.9999999999999998
                 hi[axis] = np.nextafter(hi[axis], np.inf)

@@ -12,3 +12,4 @@ METHOD_NAMES = ("model", "box-interp", "growcut", "threshold", "atlas", "model-u
 # ablations asked for by name: model-unaligned (task tokens alone), model-network-only (clicks not seeded)
 DEFAULT_METHODS = METHOD_NAMES[:5]
 PROMPT_KINDS = ("boxes", "points", "box3d")
+SLICE_AXES = ("k", "j", "i")  # IJK axis the annotated slices cut across; in array (KJI) order, so its index is the array axis

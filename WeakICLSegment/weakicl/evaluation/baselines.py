@@ -78,29 +78,38 @@ def box_interpolation(prompts: PromptSet, geometry: Geometry) -> np.ndarray:
     return rasterize(PromptSet(boxes=prompts.boxes), geometry)[HULL] > 0.5
 
 
+def slice_axis_ijk(prompts: PromptSet) -> int:
+    """The IJK axis every box of `prompts` is a slice of (thin along it only); k (2) otherwise."""
+    axes = {tuple(box.thin_axes()) for box in prompts.boxes}
+    return axes.pop()[0] if len(axes) == 1 and len(next(iter(axes))) == 1 else 2
+
+
 def hull_reach_slices(prompts: PromptSet, spacing: tuple[float, float, float]) -> int:
-    """How many slices the structure likely extends beyond the outermost boxes (axial boxes, axis k).
+    """How many slices the structure likely extends beyond the outermost boxes, along their slice axis.
 
     Boxes at evenly spaced fractions leave one gap beyond each end; a lone box is assumed to extend
-    as far along k as half its mean in-plane size.
+    as far along its slice axis as half its mean in-plane size.
     """
-    ks = sorted(b.lo_ijk[2] for b in prompts.boxes)
-    if len(ks) > 1:
-        return int(np.ceil((ks[-1] - ks[0]) / (len(ks) - 1)))
+    axis = slice_axis_ijk(prompts)
+    positions = sorted(b.lo_ijk[axis] for b in prompts.boxes)
+    if len(positions) > 1:
+        return int(np.ceil((positions[-1] - positions[0]) / (len(positions) - 1)))
     box = prompts.boxes[0]
-    half_mm = np.mean([(box.hi_ijk[a] - box.lo_ijk[a] + 1) * spacing[a] for a in (0, 1)]) / 2
-    return int(np.ceil(half_mm / spacing[2]))
+    half_mm = np.mean([(box.hi_ijk[a] - box.lo_ijk[a] + 1) * spacing[a] for a in range(3) if a != axis]) / 2
+    return int(np.ceil(half_mm / spacing[axis]))
 
 
-def extended_hull(hull: np.ndarray, reach: int) -> np.ndarray:
-    """The box hull with its first and last annotated slices repeated `reach` slices outwards."""
+def extended_hull(hull: np.ndarray, reach: int, axis_kji: int = 0) -> np.ndarray:
+    """The box hull with its first and last annotated slices across array axis `axis_kji` repeated
+    `reach` slices outwards."""
+    hull = np.moveaxis(hull, axis_kji, 0)
     occupied = np.flatnonzero(hull.any(axis=(1, 2)))
     extended = hull.copy()
     if occupied.size:
         first, last = occupied[0], occupied[-1]
         extended[max(first - reach, 0):first] |= hull[first]
         extended[last + 1:last + 1 + reach] |= hull[last]
-    return extended
+    return np.moveaxis(extended, 0, axis_kji)
 
 
 class BaselineMethod(Method):
@@ -146,12 +155,12 @@ class GrowCut(BaselineMethod):
 
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
         spacing = trial.volume.geometry.spacing
-        reach = hull_reach_slices(trial.prompts, spacing)
+        reach, axis_kji = hull_reach_slices(trial.prompts, spacing), 2 - slice_axis_ijk(trial.prompts)
         gap_vox = np.ceil(BACKGROUND_GAP_MM / np.asarray(spacing[::-1])).astype(int)
-        margin = gap_vox + CROP_MARGIN_VOX + np.array([reach, 0, 0])
+        margin = gap_vox + CROP_MARGIN_VOX + reach * (np.arange(3) == axis_kji)
         crop = crop_around(trial.volume, trial.prompts, clicks, margin)
         geometry = crop.volume.geometry
-        unknown = extended_hull(box_interpolation(crop.prompts, geometry), reach)
+        unknown = extended_hull(box_interpolation(crop.prompts, geometry), reach, axis_kji)
         unknown = ndimage.binary_dilation(unknown, ellipsoid_element(gap_vox))
         seeds = np.where(unknown, 0, 2).astype(np.int16)
         for box in crop.prompts.boxes:

@@ -18,6 +18,7 @@ from ..preprocess import bounding_box
 from ..prompts import Box, Point, PromptSet
 from ..simulation import corrective_click, interior_points, slice_boxes, slice_fractions
 from ..volume import Volume
+from . import SLICE_AXES
 from .manifest import Structure, load_case, structure_mask
 from .metrics import Scores, click_curve_area, dice, score
 
@@ -39,6 +40,7 @@ class Settings:
     seed: int = 0
     jitter: float = 0.0  # each box side moves by up to this fraction of the box, clicks land off-centre, as hands draw them
     context_collection: str = "same"  # "other": context subjects from another collection (CT for MR and back)
+    slice_axis: str = "k"  # the IJK axis annotated slices cut across (SLICE_AXES; k: axial in axially acquired scans)
 
     @property
     def uses_context_subjects(self) -> bool:
@@ -49,6 +51,8 @@ class Settings:
         """Short human name, also the key of this variant in results.json."""
         prompts = (f"{self.slices} {'box' if self.prompt_kind == 'boxes' else 'point'} slice{'s' if self.slices > 1 else ''}"
                    if self.prompt_kind != "box3d" else "a 3D box")
+        if self.slice_axis != "k" and self.prompt_kind != "box3d":
+            prompts += f" across {self.slice_axis}"
         if self.jitter:
             prompts += f", jitter {self.jitter:g}"
         if self.protocol == "propagate":
@@ -66,21 +70,26 @@ def structure_rng(settings: Settings, structure: Structure, stream: int = 0) -> 
 
 
 def target_prompts(mask: np.ndarray, settings: Settings, rng: np.random.Generator) -> PromptSet:
-    """Axial boxes (array axis 0) on the protocol's slices, tight or loosened/tightened by `jitter`, or
-    one interior point on each of them, or (box3d) one box around the whole structure, as an ROI is placed."""
+    """Boxes on the protocol's slices across `settings.slice_axis` (k, array axis 0, by default), tight or
+    loosened/tightened by `jitter`, or one interior point on each of them, or (box3d) one box around the
+    whole structure, as an ROI is placed."""
     if settings.prompt_kind == "box3d":
         if settings.jitter:
             raise InputError("--jitter moves slice boxes and clicks; a 3D box is drawn tight (--prompt-kind box3d)")
         lo_kji, hi_kji = bounding_box(mask)
         return PromptSet(boxes=[Box(tuple(lo_kji[::-1].astype(float)), tuple(hi_kji[::-1].astype(float)))])
-    boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=0, jitter=settings.jitter, rng=rng)
+    axis_kji = SLICE_AXES.index(settings.slice_axis)
+    boxes = slice_boxes(mask, slice_fractions(settings.slices), axis=axis_kji, jitter=settings.jitter, rng=rng)
     if settings.prompt_kind == "boxes":
         return boxes
     points = []
     for box in boxes.boxes:
-        k = int(round(box.lo_ijk[2]))
-        (point,) = interior_points(mask[k][None], 1, rng)  # in-plane distance, so the point is central on its slice
-        points.append(Point((point.ijk[0], point.ijk[1], float(k)), True))
+        position = int(round(box.lo_ijk[2 - axis_kji]))
+        section = np.expand_dims(np.take(mask, position, axis=axis_kji), axis_kji)
+        (point,) = interior_points(section, 1, rng)  # in-plane distance, so the point is central on its slice
+        ijk = list(point.ijk)
+        ijk[2 - axis_kji] = float(position)
+        points.append(Point(tuple(ijk), True))
     return PromptSet(points=points)
 
 

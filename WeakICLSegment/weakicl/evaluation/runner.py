@@ -7,13 +7,14 @@ Imported when the `weakicl` parser is built, so heavy modules are imported insid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError, OutputExists
-from . import DEFAULT_METHODS, METHOD_NAMES, PROMPT_KINDS, PROTOCOLS
+from . import DEFAULT_METHODS, METHOD_NAMES, PROMPT_KINDS, PROTOCOLS, SLICE_AXES
 
 PATH_ARGUMENTS = ("manifest", "out", "weights")
 RESULTS, REPORT = "results.json", "report.md"  # what a run writes in --out, with figures/
@@ -31,7 +32,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one or more of {', '.join(PROTOCOLS)} (default: propagate)")
     parser.add_argument("--method", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
                         help=f"one or more of {', '.join(METHOD_NAMES)} (default: all but model-unaligned)")
-    parser.add_argument("--slices", type=int, default=3, help="annotated axial slices per structure (default: 3, at 25/50/75%%)")
+    parser.add_argument("--slices", type=int, default=3, help="annotated slices per structure (default: 3, at 25/50/75%%)")
+    parser.add_argument("--slice-axis", choices=SLICE_AXES, default="k",
+                        help="the IJK axis the annotated slices cut across (default k: axial in axially acquired scans; "
+                             "j and i: coronal and sagittal there)")
     parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="boxes", help="box or one interior point per slice, or one 3D box around the whole structure (box3d)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3], help="context subjects for cross protocols (default: 1 3)")
     parser.add_argument("--start", choices=("propagate", "cross-weak"), default="propagate", help="first prediction of interactive")
@@ -64,11 +68,9 @@ def expand_settings(args: argparse.Namespace) -> list:
     settings = []
     for protocol in dict.fromkeys(args.protocol):
         base = Settings(protocol, args.slices, args.prompt_kind, args.k[0], args.start, args.clicks, args.seed, args.jitter,
-                        args.context_collection)
+                        args.context_collection, args.slice_axis)
         if base.uses_context_subjects:
-            settings += [Settings(protocol, args.slices, args.prompt_kind, k, args.start, args.clicks, args.seed, args.jitter,
-                                  args.context_collection)
-                         for k in dict.fromkeys(args.k)]
+            settings += [dataclasses.replace(base, k=k) for k in dict.fromkeys(args.k)]
         else:
             settings.append(base)
     return settings
@@ -140,7 +142,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       for key, value in vars(args).items() if key != "run"},
         "manifest": portable_path(args.manifest),
         "settings": {"slices": args.slices, "prompt_kind": args.prompt_kind, "k": args.k, "start": args.start,
-                     "clicks": args.clicks, "seed": args.seed, "jitter": args.jitter, "context_collection": args.context_collection, "slice_axis": "k (array axis 0)"},
+                     "clicks": args.clicks, "seed": args.seed, "jitter": args.jitter, "context_collection": args.context_collection, "slice_axis": args.slice_axis},
         "methods": descriptions,
         "weights_sha256": descriptions.get("model", {}).get("weights_sha256"),
         "growcut_backend": descriptions.get("growcut", {}).get("backend"),
