@@ -80,8 +80,12 @@ def box_interpolation(prompts: PromptSet, geometry: Geometry) -> np.ndarray:
 
 def slice_axis_ijk(prompts: PromptSet) -> int:
     """The IJK axis every box of `prompts` is a slice of (thin along it only); k (2) otherwise."""
-    axes = {tuple(box.thin_axes()) for box in prompts.boxes}
-    return axes.pop()[0] if len(axes) == 1 and len(next(iter(axes))) == 1 else 2
+    thin = {tuple(box.thin_axes()) for box in prompts.boxes}
+    if len(thin) == 1:
+        (axes,) = thin
+        if len(axes) == 1:
+            return axes[0]
+    return 2
 
 
 def hull_reach_slices(prompts: PromptSet, spacing: tuple[float, float, float]) -> int:
