@@ -118,6 +118,10 @@ def test_growcut_extends_the_box_hull_along_the_boxes_own_slice_axis(slice_axis)
     boxes = target_prompts(truth, Settings("propagate", slice_axis=slice_axis), rng)
     mask = GrowCut("random-walker").segment(Trial(None, volume, boxes, [(volume, boxes)]), [], None)
     assert dice(mask, truth) > 0.97
+    if slice_axis == "i":  # a line among them (a thin part's tight box) leaves the axis to the slice boxes
+        lined = PromptSet(boxes=[boxes.boxes[0], Box((30.0, 15.0, 10.0), (30.0, 15.5, 20.0)), boxes.boxes[2]])
+        mask = GrowCut("random-walker").segment(Trial(None, volume, lined, [(volume, lined)]), [], None)
+        assert dice(mask, truth) > 0.97
 
 
 def test_jittered_boxes_are_loose_or_tight_by_a_few_voxels_on_the_same_slices():

@@ -82,7 +82,7 @@ class PromptSet:
         whose tight box is a line; else it would neither be interpolated with them nor be a valid box)."""
         if require_prompts and self.is_empty():
             raise InputError("no prompts given: draw at least one box or point")
-        slice_axis = self._common_slice_axis(geometry)
+        slice_axis = self.common_slice_axis(geometry)
         boxes = []
         for number, box in enumerate(self.boxes, 1):
             if not np.all(np.isfinite(box.lo_ijk + box.hi_ijk)):
@@ -107,7 +107,7 @@ class PromptSet:
                 raise InputError(f"point {number} at IJK {_rounded(point.ijk)} lies outside the image")
         return PromptSet(boxes, list(self.points), list(self.oriented_boxes))
 
-    def _common_slice_axis(self, geometry: Geometry) -> int | None:
+    def common_slice_axis(self, geometry: Geometry) -> int | None:
         """The IJK axis along which every slice box of the set (a box thin along one axis only) is thin,
         or None (no slice box, or slice boxes of different axes)."""
         axes = set()

@@ -78,23 +78,13 @@ def box_interpolation(prompts: PromptSet, geometry: Geometry) -> np.ndarray:
     return rasterize(PromptSet(boxes=prompts.boxes), geometry)[HULL] > 0.5
 
 
-def slice_axis_ijk(prompts: PromptSet) -> int:
-    """The IJK axis every box of `prompts` is a slice of (thin along it only); k (2) otherwise."""
-    thin = {tuple(box.thin_axes()) for box in prompts.boxes}
-    if len(thin) == 1:
-        (axes,) = thin
-        if len(axes) == 1:
-            return axes[0]
-    return 2
-
-
-def hull_reach_slices(prompts: PromptSet, spacing: tuple[float, float, float]) -> int:
-    """How many slices the structure likely extends beyond the outermost boxes, along their slice axis.
+def hull_reach_slices(prompts: PromptSet, spacing: tuple[float, float, float], axis: int) -> int:
+    """How many slices the structure likely extends beyond the outermost boxes, along their slice axis
+    (IJK `axis`).
 
     Boxes at evenly spaced fractions leave one gap beyond each end; a lone box is assumed to extend
     as far along its slice axis as half its mean in-plane size.
     """
-    axis = slice_axis_ijk(prompts)
     positions = sorted(b.lo_ijk[axis] for b in prompts.boxes)
     if len(positions) > 1:
         return int(np.ceil((positions[-1] - positions[0]) / (len(positions) - 1)))
@@ -159,7 +149,9 @@ class GrowCut(BaselineMethod):
 
     def segment(self, trial: Trial, clicks: list[Point], previous: np.ndarray | None) -> np.ndarray:
         spacing = trial.volume.geometry.spacing
-        reach, axis_kji = hull_reach_slices(trial.prompts, spacing), 2 - slice_axis_ijk(trial.prompts)
+        axis_ijk = trial.prompts.common_slice_axis(trial.volume.geometry)
+        axis_ijk = 2 if axis_ijk is None else axis_ijk  # no slice box: along k, as the protocol draws them
+        reach, axis_kji = hull_reach_slices(trial.prompts, spacing, axis_ijk), 2 - axis_ijk
         gap_vox = np.ceil(BACKGROUND_GAP_MM / np.asarray(spacing[::-1])).astype(int)
         margin = gap_vox + CROP_MARGIN_VOX + reach * (np.arange(3) == axis_kji)
         crop = crop_around(trial.volume, trial.prompts, clicks, margin)
