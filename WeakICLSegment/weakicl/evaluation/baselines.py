@@ -93,7 +93,7 @@ def hull_reach_slices(prompts: PromptSet, spacing: tuple[float, float, float], a
     return int(np.ceil(half_mm / spacing[axis]))
 
 
-def extended_hull(hull: np.ndarray, reach: int, axis_kji: int = 0) -> np.ndarray:
+def extended_hull(hull: np.ndarray, reach: int, axis_kji: int) -> np.ndarray:
     """The box hull with its first and last annotated slices across array axis `axis_kji` repeated
     `reach` slices outwards."""
     hull = np.moveaxis(hull, axis_kji, 0)
