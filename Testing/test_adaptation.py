@@ -126,3 +126,71 @@ def test_features_are_read_where_a_trilinear_upsampling_puts_them():
     upsampled = F.interpolate(coarse, size=(12, 20, 16), mode="trilinear", align_corners=False)
     expected = torch.cat([image[0][:, known].T, upsampled[0][:, known].T], dim=1)
     assert read.shape == (known.sum(), 4) and torch.allclose(read, expected, atol=1e-6)
+
+
+def _ring_slab(noise: float = 0.02, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A short-axis slab (KJI): a bright pool inside a dark wall inside mid-grey tissue, with noise, and
+    each voxel's distance from the axis."""
+    k, j, i = np.ogrid[:8, :48, :48]
+    radius = np.hypot(j - 24, i - 24) + 0 * k
+    pool, wall = radius < 8, (radius >= 8) & (radius < 13)
+    image = np.where(pool, 1.0, np.where(wall, 0.2, 0.5)) + np.random.default_rng(seed).normal(0, noise, radius.shape)
+    return image.astype(np.float32), pool, wall, radius
+
+
+def test_a_click_s_region_is_the_compartment_of_its_tissue_it_sits_in():
+    """A negative click in a ring's pool means the pool, a positive one on the wall the wall; labels
+    make them seeds of their side, the clicks' own voxels last."""
+    from weakicl.adaptation import click_regions
+    from weakicl.prompts import Point
+
+    image, pool, wall, radius = _ring_slab()
+    zone = radius < 16  # the competition's undecided region: the box hull and a gap around it
+    previous = pool.copy()  # the result took the pool for the structure
+    seeds = np.zeros(image.shape, bool)
+    regions = click_regions(image, zone, [Point((24, 24, 4), False), Point((34, 24, 4), True)], previous | wall, seeds)
+    assert regions is not None
+    assert not np.any((regions < 0) & ~pool) and np.count_nonzero(regions < 0) > 0.95 * pool.sum()  # noise aside
+    assert not np.any((regions > 0) & ~wall) and np.count_nonzero(regions > 0) > 0.95 * wall.sum()
+    box = Box((11, 11, 4), (37, 37, 4))
+    labels = appearance_labels(PromptSet([box], points=[Point((24, 24, 4), False)]), image, previous, regions)
+    assert np.all(labels[regions < 0] == 0) and np.all(labels[regions > 0] == 1)
+    assert not np.any(labels[pool] == 1)  # the box centre's seeds in the pool are gone
+
+
+def test_a_click_in_tissue_that_runs_on_or_makes_up_the_result_has_no_region():
+    """No compartment, no region: a tissue that fades into its surroundings leaks as the tolerance
+    widens; a negative click in the tissue the whole result is made of would take all of it."""
+    from weakicl.adaptation import click_regions
+    from weakicl.prompts import Point
+
+    j = np.arange(48, dtype=np.float32)
+    ramp = np.broadcast_to(np.clip((j[None, :, None] - 8) / 32, 0, 1), (8, 48, 48)).copy()
+    ramp += np.random.default_rng(0).normal(0, 0.01, ramp.shape).astype(np.float32)
+    zone = np.ones(ramp.shape, bool)
+    assert click_regions(ramp, zone, [Point((24, 24, 4), True)], zone, zone) is None  # leaks along the ramp
+    image, pool, wall, _ = _ring_slab()
+    negative = [Point((24, 24, 4), False)]
+    assert click_regions(image, zone, negative, pool, wall) is None  # the pool is the whole result
+    assert click_regions(image, zone, negative, pool | wall, wall) is not None  # 37 % of it
+
+
+def test_a_negative_region_holding_every_structure_seed_is_not_taken():
+    """Box centres all in the pool, no positive click: taking the pool would leave nothing that says
+    what the structure is."""
+    from weakicl.adaptation import click_regions
+    from weakicl.prompts import Point
+
+    image, pool, wall, _ = _ring_slab()
+    zone, negative = np.ones(image.shape, bool), [Point((24, 24, 4), False)]
+    assert click_regions(image, zone, negative, pool | wall, pool) is None
+    assert click_regions(image, zone, negative, pool | wall, pool | wall) is not None  # most seeds on the wall
+
+
+def test_click_regions_can_be_switched_off(monkeypatch):
+    import weakicl.adaptation as adaptation
+    from weakicl.prompts import Point
+
+    image, pool, wall, _ = _ring_slab()
+    monkeypatch.setattr(adaptation, "CLICK_REGION_TOLERANCE", None)
+    assert adaptation.click_regions(image, np.ones(image.shape, bool), [Point((24, 24, 4), False)], pool | wall, wall) is None

@@ -309,14 +309,15 @@ def test_a_correction_tells_the_probe_and_the_competition_where_the_previous_res
     task = segmenter.encode_context([(volume, boxes)])
     given = []
     labels = session.appearance_labels
-    monkeypatch.setattr(session, "appearance_labels", lambda prompts, image, previous=None: given.append(previous) or labels(prompts, image, previous))
+    monkeypatch.setattr(session, "appearance_labels", lambda prompts, image, previous=None, regions=None:
+                        given.append(previous) or labels(prompts, image, previous, regions))
     first = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
     assert len(given) == 2 and given == [None, None]  # the competition's seeds, the probe's labels
     given.clear()
     inside = tuple(float(c) for c in np.argwhere(first)[len(np.argwhere(first)) // 2][::-1])
     click = PromptSet(points=[Point(inside, False)])
     segmenter.segment(volume, task, boxes + click, first, new_prompts=click)
-    assert len(given) == 2 and all(previous is not None and previous.dtype == bool and previous.any() for previous in given)
+    assert len(given) == 3 and all(previous is not None and previous.dtype == bool and previous.any() for previous in given)  # and the clicks' regions' seeds
 
 
 def test_a_correction_sampled_by_torch_on_the_device_gives_what_numpy_gives(segmenter, phantom, monkeypatch):
@@ -358,6 +359,54 @@ def test_a_click_of_one_sign_changes_the_result_in_its_direction_only(segmenter,
         else:
             assert not corrected[tuple(kji)] and (corrected <= previous).all() and (corrected < previous).any()
             assert (alone > previous).any()
+
+
+def _tube(length: int = 96) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
+    """A tube along k (1 mm voxels): a bright pool in a dark wall in mid-grey tissue; and each voxel's k."""
+    k, j, i = np.ogrid[:length, :48, :48]
+    radius = np.hypot(j - 24, i - 24) + 0 * k
+    along = (k >= 4) & (k < length - 4)
+    pool, wall = along & (radius < 8), along & (radius >= 8) & (radius < 11)  # a wall smaller than its pool
+    image = np.where(pool, 300.0, np.where(wall, 60.0, 150.0)) + np.random.default_rng(0).normal(0, 6, radius.shape)
+    return Volume(image.astype(np.float32), Geometry.identity(image.shape, (1.0, 1.0, 1.0)), "MR"), pool, wall, k + 0 * radius
+
+
+@pytest.mark.parametrize("regions", [True, False])
+def test_clicks_on_a_ring_s_wall_and_in_its_pool_mean_the_wall_and_the_pool_along_the_whole_ring(segmenter, monkeypatch, regions):
+    """A tube's wall boxed on 3 slices, a previous result that took its pool only (the box centres): a
+    positive click on the wall, then a negative one in the pool, mean the wall and the pool (their
+    compartments), also on slices far beyond the clicks' neighbourhood; without click regions only the
+    neighbourhood changes."""
+    import weakicl.adaptation as adaptation
+
+    if not regions:
+        monkeypatch.setattr(adaptation, "CLICK_REGION_TOLERANCE", None)
+    volume, pool, wall, k = _tube()
+    boxes = slice_boxes(wall)
+    task = segmenter.encode_context([(volume, boxes)])
+    clicks = PromptSet(points=[Point((33.0, 24.0, 48.0), True)])
+    added = segmenter.segment(volume, task, boxes + clicks, pool, new_prompts=clicks).masks[0]
+    clicks = clicks + PromptSet(points=[Point((24.0, 24.0, 48.0), False)])
+    removed = segmenter.segment(volume, task, boxes + clicks, added, new_prompts=PromptSet(points=clicks.points[-1:])).masks[0]
+    far = np.abs(k - 48) > 30  # beyond the clicks' own neighbourhood (the frame's least side)
+    assert (added >= pool).all() and (removed <= added).all() and not removed[48, 24, 24]
+    if regions:  # the wall's partial-volume rim aside
+        assert added[wall & far].mean() > 0.8 and removed[wall].mean() > 0.8
+        assert removed[pool & far].mean() < 0.05
+    else:
+        assert added[wall & far].mean() < 0.05 and removed[pool & far].mean() > 0.95
+
+
+def test_a_lone_negative_click_in_a_ring_s_pool_leaves_the_result_a_structure(segmenter):
+    """Every box-centre seed in the pool and no positive click: the pool's region is not taken (the
+    structure would vanish); beyond the click's neighbourhood the result stands."""
+    volume, pool, wall, k = _tube()
+    boxes = slice_boxes(wall)
+    task = segmenter.encode_context([(volume, boxes)])
+    click = PromptSet(points=[Point((24.0, 24.0, 48.0), False)])
+    corrected = segmenter.segment(volume, task, boxes + click, pool | wall, new_prompts=click).masks[0]
+    far = np.abs(k - 48) > 30
+    assert not corrected[48, 24, 24] and corrected[(pool | wall) & far].mean() > 0.95
 
 
 def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom):

@@ -11,11 +11,13 @@ Measured with the shipped weights (`scripts/ablations.py`): unseen structures +0
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from scipy import ndimage
 
-from .prompts import PromptSet
+from .preprocess import bounding_box
+from .prompts import Point, PromptSet
 
 if TYPE_CHECKING:
     import torch
@@ -31,20 +33,28 @@ MIN_CORE_KEPT = 0.1  # each box keeps at least this share of its central voxels,
 TYPICALITY_BINS = 32
 CONTRADICTION_DEPTH: float | None = 2.0  # frame voxels inside the previous result a negative click must lie
 CONTRADICTION_SPREAD = 0.5  # ... to drop the box-centre seeds within this share of their IQR of its intensity
+# A click's region (`click_regions`): the connected voxels of its tissue, within this many noise SDs of the
+# click's intensity (None: no regions, each click says only what its own voxels are) ...
+CLICK_REGION_TOLERANCE: float | None = 3.0
+CLICK_REGION_STABILITY = 1.3  # ... growing at most this much when the tolerance widens by half (a compartment, not a leak)
+CLICK_REGION_NEGATIVE_SHARE = 0.6  # ... at most this share of the previous result for a negative click
+CLICK_REGION_POSITIVE_SHARE = 1.0  # ... and this share of it for a positive one
 OUTSIDE_BAND = 0.5  # background samples within this fraction of the box size around it
 FEATURE_LEVELS = 3  # encoder levels whose features the probe reads (finest first)
 L2_PENALTY = 1e-2
 PROBE_ITERATIONS = 100
 
 
-def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
+def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray | None = None,
+                      regions: np.ndarray | None = None) -> np.ndarray:
     """int8 labels in frame voxels (KJI) of `image`: 1 the central part of each slice box, 0 just
     outside it (one voxel of tolerance for loose boxes, up to OUTSIDE_BAND of its size away), the 3x3x3
     voxels of each point prompt its side, -1 unknown. Central voxels whose intensity is more typical of
     the boxes' surroundings than of their inside stay unknown (`_inside_share`): a box's centre is
     not always the structure (a crescent, a ring, fat between organs). With `previous` (a correction's
     previous result in the frame), a negative click deep inside it also makes the box-centre seeds of its
-    tissue unknown (`_drop_contradicted_seeds`). `frame_prompts` are in frame IJK
+    tissue unknown (`_drop_contradicted_seeds`). `regions` (`click_regions` on this frame) label the
+    clicks' regions their side, before each click's own voxels. `frame_prompts` are in frame IJK
     (`Frame.prompts_to_frame`); 3D and oblique boxes say nothing sure about a slice."""
     shape_kji = image.shape
     labels = np.full(shape_kji, -1, dtype=np.int8)
@@ -83,12 +93,87 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
                 labels[index][core] = np.where(typical, 1, -1)
     if previous is not None and CONTRADICTION_DEPTH is not None:
         _drop_contradicted_seeds(labels, frame_prompts, image, previous)
+    if regions is not None:
+        labels[regions < 0] = 0
+        labels[regions > 0] = 1
     for point in frame_prompts.points:  # a click says for sure what its voxel and its neighbours are
-        centre = _nearest_voxel_kji(point)
+        centre = nearest_voxel_kji(point)
         lo, hi = np.maximum(centre - 1, 0), np.minimum(centre + 2, shape_kji)
         if np.all(hi > lo):
             labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1 if point.positive else 0
     return labels
+
+
+def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], previous: np.ndarray,
+                  seeds: np.ndarray) -> np.ndarray | None:
+    """int8 over a frame (KJI): -1 where a negative click's region lies, +1 a positive click's, 0 elsewhere
+    (a later click's region over an earlier one's), or None when no click has one. Why: a click says
+    "this tissue is wrong here", and where that tissue is a compartment of its own (a ring's blood pool,
+    the wall around it) the whole compartment is what the user means, not the few voxels clicked; the
+    box-centre seeds of a ring's pool would otherwise pull the pool back on every later correction.
+    A region is the connected voxels of `zone` (the competition's undecided region) within
+    CLICK_REGION_TOLERANCE noise SDs (`_noise_sd`) of the median of the click's voxel and its 6 face
+    neighbours (a wall two voxels thick holds most of them), its holes filled. It counts only where it is
+    a compartment: growing it with a tolerance half as wide again adds at most CLICK_REGION_STABILITY - 1
+    of it (one tissue continuing into the structure leaks), and it is at most CLICK_REGION_NEGATIVE_SHARE
+    (negative) or CLICK_REGION_POSITIVE_SHARE (positive) of the `previous` result (a click in the tissue
+    the structure itself is made of would take the whole structure). Negative regions stand only beside a
+    positive region or where they hold at most half of the structure `seeds` (what the prompts say for
+    sure, `appearance_labels` == 1): with the structure's seeds taken, nothing would say what the
+    structure is, and it would vanish. Points are in frame IJK."""
+    if CLICK_REGION_TOLERANCE is None or not zone.any():
+        return None
+    regions = np.zeros(image.shape, dtype=np.int8)
+    size = max(int(np.count_nonzero(previous)), 1)
+    lo, hi = bounding_box(zone)  # the work is done within the zone's box
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    seeds_beyond = np.count_nonzero(seeds) - np.count_nonzero(seeds[box])
+    image, zone, seeds, inside = image[box], zone[box], seeds[box], regions[box]  # `inside` is a view
+    tolerance = CLICK_REGION_TOLERANCE * max(_noise_sd(image, zone), 1e-3)
+    for point in points:
+        voxel = nearest_voxel_kji(point) - lo
+        if np.any(voxel < 0) or np.any(voxel >= image.shape) or not zone[tuple(voxel)]:
+            continue
+        neighbours = np.clip(voxel + _FACE_STEPS, 0, np.array(image.shape) - 1)
+        centre = float(np.median(image[tuple(neighbours.T)]))
+        region = _connected_within(image, zone, voxel, centre, tolerance)
+        limit = (CLICK_REGION_POSITIVE_SHARE if point.positive else CLICK_REGION_NEGATIVE_SHARE) * size
+        count = int(np.count_nonzero(region))
+        wider = np.count_nonzero(_connected_within(image, zone, voxel, centre, 1.5 * tolerance))
+        if count > limit or wider > CLICK_REGION_STABILITY * count:
+            continue
+        inside[region] = 1 if point.positive else -1
+    if not np.any(inside > 0) and np.count_nonzero(seeds & (inside < 0)) > np.count_nonzero(seeds & (inside == 0)) + seeds_beyond:
+        inside[inside < 0] = 0
+    return regions if inside.any() else None
+
+
+_FACE_STEPS = np.vstack([np.zeros((1, 3), dtype=int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])  # a voxel and its 6 face neighbours
+
+
+def _noise_sd(image: np.ndarray, zone: np.ndarray) -> float:
+    """The image noise's SD within `zone`, robustly: the median absolute difference of neighbours (along
+    every axis, both in the zone) over 0.6745 * sqrt(2). Edges between tissues are few among all
+    neighbour pairs, so unlike a spread around the click it does not grow where the click's tissue is thin."""
+    differences = [np.abs(np.diff(image, axis=axis))[(zone[(slice(None),) * axis + (slice(1, None),)]
+                                                        & zone[(slice(None),) * axis + (slice(None, -1),)])]
+                   for axis in range(image.ndim)]
+    values = np.concatenate(differences)
+    return float(np.median(values)) / (0.6745 * np.sqrt(2.0)) if values.size else 0.0
+
+
+def _connected_within(image: np.ndarray, zone: np.ndarray, voxel: np.ndarray, centre: float, tolerance: float) -> np.ndarray:
+    """The voxels of `zone` within `tolerance` of `centre` face-connected to `voxel` (none where it is not one),
+    with the holes that noise leaves in it filled."""
+    components, _ = ndimage.label(zone & (np.abs(image - centre) <= tolerance))
+    label = components[tuple(voxel)]
+    region = np.zeros(image.shape, dtype=bool)
+    if label:
+        found = components == label
+        lo, hi = bounding_box(found)
+        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+        region[box] = ndimage.binary_fill_holes(found[box]) & zone[box]
+    return region
 
 
 def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray) -> None:
@@ -105,12 +190,12 @@ def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image
     low, high = np.percentile(image[seeds], [25, 75])
     spread = CONTRADICTION_SPREAD * max(float(high - low), 1e-6)
     for point in negatives:
-        voxel = tuple(_nearest_voxel_kji(point))
+        voxel = tuple(nearest_voxel_kji(point))
         if all(0 <= v < n for v, n in zip(voxel, image.shape)) and _inside_by(previous, voxel, CONTRADICTION_DEPTH):
             labels[seeds & (np.abs(image - image[voxel]) <= spread)] = -1
 
 
-def _nearest_voxel_kji(point) -> np.ndarray:
+def nearest_voxel_kji(point) -> np.ndarray:
     """The voxel (KJI) nearest a point prompt given in IJK."""
     return np.floor(np.asarray(point.ijk, dtype=float)[::-1] + 0.5).astype(int)
 

@@ -22,7 +22,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .adaptation import APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels
+from .adaptation import (APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels,
+                         click_regions, nearest_voxel_kji)
 from .context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
 from .devices import device_name, resolve_device
 from .errors import InputError
@@ -553,28 +554,39 @@ class Segmenter:
         previous_mask = None if previous is None else np.asarray(previous) > 0.5
         if previous_mask is not None and previous_mask.shape != target.geometry.shape_kji:
             raise InputError(f"previous mask shape {previous_mask.shape} does not match the target {target.geometry.shape_kji}")
-        frame = self._frame(target, prompts, previous_mask, new_prompts)
         source, previous_source = prepared.normalized, previous_mask  # what frames sample from
         if self.sample_on_device:
             import torch
 
             source = self._device_image(prepared)
             previous_source = None if previous_mask is None else torch.from_numpy(previous_mask).to(self.device)
+        adapt = not network_only and prompts is not None
+        # the competition runs over the whole structure with every prompt, as GrowCut would, so a
+        # correction's frame sees what propagation saw, changed only around the clicks and their regions
+        structure = regions = reach = None
+        if adapt and new_prompts is not None:
+            structure = self._frame(target, prompts, previous_mask)
+            structure_image = _host(structure.sample(source))
+            if previous_mask is not None and prompts.points:
+                regions = _structure_click_regions(structure, structure_image, prompts, previous_source)
+                reach = _new_regions_extent(structure, regions, new_prompts)
+        frame = self._frame(target, prompts, previous_mask, new_prompts, also_kji=reach)
         channels = self._frame_channels(frame, prompts, previous_source)
         image = _host(frame.sample(source))
-        adapt = not network_only and prompts is not None
         encoded: list | None = [] if adapt else None  # the padded frame and its encoder levels, for the probe
         framed = self._sliding_window(image, channels, task, progress, encoded=encoded)
         if adapt:
-            # the competition runs over the whole structure with every prompt, as GrowCut would, so a
-            # correction's frame sees what propagation saw, changed only around the clicks
-            structure = frame if new_prompts is None else self._frame(target, prompts, previous_mask)
-            structure_image = image if structure is frame else _host(structure.sample(source))
-            margin = self._geodesic_margin(structure, structure_image, prompts, previous_source, self.device)
-            if margin is not None and structure is not frame:
-                margin = structure.resample_into(margin, frame, fill=0.0)  # beyond it the network decides, as beyond the hull
+            if structure is None:
+                structure, structure_image = frame, image
+            margin = self._geodesic_margin(structure, structure_image, prompts, previous_source, self.device, regions)
+            framed_regions = regions
+            if structure is not frame:  # beyond it the network decides, as beyond the hull
+                margin = None if margin is None else structure.resample_into(margin, frame, fill=0.0)
+                framed_regions = None if regions is None else np.rint(
+                    structure.resample_into(regions.astype(np.float32), frame, fill=0.0)).astype(np.int8)
             previous_frame = channels[MASK_CHANNEL] > 0.5 if previous_mask is not None else None
-            framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin, previous_frame)
+            framed = self._adapted_to_image(framed, image, frame.prompts_to_frame(prompts), encoded, margin, previous_frame,
+                                            framed_regions)
             if previous_mask is None:  # propagation: the boxes, their hull and positive points say where
                 _drop_components_off(framed[0], foreground_prior(channels), 0.0)
         region = frame.region(target.geometry.shape_kji)
@@ -589,13 +601,14 @@ class Segmenter:
         return Prediction(probabilities, list(task.names), region)
 
     def _adapted_to_image(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
-                          encoded: list, margin: np.ndarray | None, previous: np.ndarray | None = None) -> np.ndarray:
+                          encoded: list, margin: np.ndarray | None, previous: np.ndarray | None = None,
+                          regions: np.ndarray | None = None) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with two terms added to its logits:
         APPEARANCE_WEIGHT times a probe of the encoder's features fitted to what the slice boxes and
-        clicks say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT, and GEODESIC_WEIGHT times
-        the geodesic `margin` in the frame (`weakicl.geodesic`; None: none). `encoded` is the padded frame
-        on the device and its encoder levels, as the sliding window left them."""
-        labels = appearance_labels(frame_prompts, image, previous)
+        clicks (and the clicks' `regions`) say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT,
+        and GEODESIC_WEIGHT times the geodesic `margin` in the frame (`weakicl.geodesic`; None: none).
+        `encoded` is the padded frame on the device and its encoder levels, as the sliding window left them."""
+        labels = appearance_labels(frame_prompts, image, previous, regions)
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
         logits = np.log(clipped / (1.0 - clipped))
         if np.any(labels == 1) and np.any(labels == 0):
@@ -609,7 +622,8 @@ class Segmenter:
         return (0.5 * (1.0 + np.tanh(logits / 2.0))).astype(np.float32)  # the sigmoid, without overflow
 
     @staticmethod
-    def _geodesic_margin(frame: Frame, image: np.ndarray, prompts: PromptSet, previous, device: str) -> np.ndarray | None:
+    def _geodesic_margin(frame: Frame, image: np.ndarray, prompts: PromptSet, previous, device: str,
+                         regions: np.ndarray | None = None) -> np.ndarray | None:
         """The geodesic seed competition's margin over a structure's frame (`weakicl.geodesic`): seeds
         from what the boxes and clicks say for sure; it decides the box hull one gap past the outer boxes,
         positive points and a previous result, grown by BACKGROUND_GAP_MM (GrowCut's unknown region).
@@ -617,7 +631,8 @@ class Segmenter:
         (0), except where a box or negative click says so. Points alone (no box, no previous result)
         compete with the frame's outer band of POINT_BACKGROUND_BAND_VOXELS over the whole frame; otherwise
         None without a box: clicks on a whole volume's result do not say where the structure ends. 3D
-        boxes alone (no previous result) give seeds of their own (`_box3d_seeds`)."""
+        boxes alone (no previous result) give seeds of their own (`_box3d_seeds`). The clicks' `regions`
+        (`adaptation.click_regions` on this frame) are seeds of their side."""
         frame_prompts = frame.prompts_to_frame(prompts)
         if previous is None and BOX3D_CORE_FRACTION is not None and _boxes_3d_only(prompts):
             inside, seeds = _box3d_seeds(frame_prompts, image)
@@ -629,26 +644,23 @@ class Segmenter:
             undecided = np.zeros(image.shape, dtype=bool)
             undecided[tuple(slice(band, n - band) for n in image.shape)] = True  # empty where the frame is thinner than two bands
             return geodesic_margin(image, seed_labels(appearance_labels(frame_prompts, image), undecided), device)
-        geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
-        undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS,
-                                               slices_per_voxel_ijk=frame.step_kji[::-1])) > 0.5
         previous_frame = None
         if previous is not None:
             previous_frame = _host(frame.sample(previous, fill=0.0)) > 0.5  # sample converts only what the frame reaches
-            undecided |= previous_frame
-        radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
-        undecided = ndimage.binary_dilation(undecided, ellipsoid_element(radius))
-        sure = appearance_labels(frame_prompts, image, previous_frame)
+        undecided = _competition_zone(frame, frame_prompts, previous_frame)
+        sure = appearance_labels(frame_prompts, image, previous_frame, regions)
         margin = geodesic_margin(image, seed_labels(sure, undecided), device)
         if margin is not None:  # beyond the hull the network decides: a lone or bunched box does not cap the structure
             margin[~undecided & (sure != 0)] = 0.0
         return margin
 
     def _frame(self, volume: Volume, prompts: PromptSet | None, mask: np.ndarray | None,
-               new_prompts: PromptSet | None = None, max_shape: int | None = None) -> Frame:
+               new_prompts: PromptSet | None = None, max_shape: int | None = None,
+               also_kji: tuple[np.ndarray, np.ndarray] | None = None) -> Frame:
         """The frame of a structure marked by prompts and/or a mask, at the scale the weights expect;
-        with `new_prompts`, the part of it around them (a correction); coarser where it would exceed
-        `max_shape` voxels a side (None: the framing's own limit)."""
+        with `new_prompts`, the part of it around them and the extent `also_kji` (inclusive original
+        KJI corners: their clicks' regions), a correction; coarser where it would exceed `max_shape`
+        voxels a side (None: the framing's own limit)."""
         extent = prompt_extent_kji(prompts, mask)
         if extent is None:
             raise InputError("nothing to segment from: the prompts hold no box or positive point and the mask is empty")
@@ -661,6 +673,8 @@ class Segmenter:
                               + [corner[::-1] for b in new_prompts.oriented_boxes for corner in b.corners_ijk()])
             reach = CORRECTION_REACH_VOXELS * spacing / spacing_kji  # a click corrects its neighbourhood
             focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
+            if also_kji is not None:
+                focus = (np.minimum(focus[0], also_kji[0]), np.maximum(focus[1], also_kji[1]))
             spec = dataclasses.replace(spec, margin_fraction=0.0)
         if max_shape is not None:
             spec = dataclasses.replace(spec, max_shape=min(spec.max_shape, max_shape))
@@ -924,6 +938,42 @@ def _resampled_mask(resampled: np.ndarray) -> np.ndarray:
     """A binary mask resampled to another grid (linear), thresholded at 0.5; a structure thinner than a
     voxel of that grid must not vanish, so then any overlap counts."""
     return resampled >= 0.5 if np.any(resampled >= 0.5) else resampled > 0
+
+
+def _competition_zone(frame: Frame, frame_prompts: PromptSet, previous: np.ndarray | None) -> np.ndarray:
+    """Where the geodesic competition decides, in a frame: the box hull one gap past the outer boxes,
+    positive points and the `previous` result (in the frame), grown by BACKGROUND_GAP_MM (GrowCut's unknown region)."""
+    geometry = Geometry.identity(frame.shape_kji, tuple(frame.spacing_kji[::-1]))
+    undecided = foreground_prior(rasterize(frame_prompts, geometry, hull_extension_gaps=HULL_GAPS,
+                                           slices_per_voxel_ijk=frame.step_kji[::-1])) > 0.5
+    if previous is not None:
+        undecided |= previous
+    radius = np.maximum(np.round(BACKGROUND_GAP_MM / frame.spacing_kji).astype(int), 1)
+    return ndimage.binary_dilation(undecided, ellipsoid_element(radius))
+
+
+def _structure_click_regions(structure: Frame, image: np.ndarray, prompts: PromptSet, previous) -> np.ndarray | None:
+    """`adaptation.click_regions` of every click in the structure's frame (`image` sampled there), within
+    the competition's undecided region, against the box-centre seeds there."""
+    previous_frame = _host(structure.sample(previous, fill=0.0)) > 0.5
+    frame_prompts = structure.prompts_to_frame(prompts)
+    seeds = appearance_labels(frame_prompts, image, previous_frame) == 1
+    return click_regions(image, _competition_zone(structure, frame_prompts, previous_frame), frame_prompts.points,
+                         previous_frame, seeds)
+
+
+def _new_regions_extent(frame: Frame, regions: np.ndarray | None, new_prompts: PromptSet) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive original KJI corners of the regions (in `frame`) that the new points' voxels fall in, or None:
+    a correction recomputes the compartment a new click means, not only the click's neighbourhood."""
+    if regions is None:
+        return None
+    components, _ = ndimage.label(regions != 0)
+    voxels = [nearest_voxel_kji(point) for point in frame.prompts_to_frame(new_prompts).points]
+    labels = {int(components[tuple(v)]) for v in voxels if np.all(v >= 0) and np.all(v < regions.shape)} - {0}
+    if not labels:
+        return None
+    lo, hi = bounding_box(np.isin(components, sorted(labels)))
+    return frame.origin_kji + frame.step_kji * lo, frame.origin_kji + frame.step_kji * hi
 
 
 def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, region: tuple[slice, slice, slice]) -> None:
