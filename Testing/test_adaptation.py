@@ -187,6 +187,36 @@ def test_a_negative_region_holding_every_structure_seed_is_not_taken():
     assert click_regions(image, zone, negative, pool | wall, pool | wall) is not None  # most seeds on the wall
 
 
+def test_a_positive_click_on_a_closed_shell_leaves_its_cavity_out_in_either_order():
+    """Only noise holes are filled: a shell's enclosed pool is another tissue, so a positive click on the
+    wall does not take it, and an earlier negative click there keeps its region whatever the order."""
+    from weakicl.adaptation import click_regions
+    from weakicl.prompts import Point
+
+    k, j, i = np.ogrid[:40, :40, :40]
+    radius = np.sqrt((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2)
+    pool, wall = radius < 8, (radius >= 8) & (radius < 12)
+    image = (np.where(pool, 1.0, np.where(wall, 0.2, 0.5)) + np.random.default_rng(0).normal(0, 0.02, radius.shape)).astype(np.float32)
+    seeds = np.zeros(image.shape, bool)
+    seeds[18:23, 18:23, 18:23] = True
+    negative, positive = Point((20, 20, 20), False), Point((20, 20, 30), True)  # IJK: the wall at k = 30
+    for order in ([negative, positive], [positive, negative]):
+        regions = click_regions(image, radius < 16, order, pool | wall, seeds)
+        assert np.all(regions[pool] == -1) and not np.any((regions > 0) & ~wall)
+        assert np.count_nonzero(regions > 0) > 0.95 * wall.sum()
+
+
+def test_a_region_holding_a_click_of_the_other_side_is_not_taken():
+    """Clicks of both signs in one compartment: its tissue is both, so neither click means all of it."""
+    from weakicl.adaptation import click_regions
+    from weakicl.prompts import Point
+
+    image, pool, wall, radius = _ring_slab()
+    clicks = [Point((24, 24, 4), False), Point((27, 24, 4), True)]  # both in the pool
+    assert click_regions(image, radius < 16, clicks, pool | wall, wall) is None
+    assert click_regions(image, radius < 16, clicks[:1], pool | wall, wall) is not None
+
+
 def test_click_regions_can_be_switched_off(monkeypatch):
     import weakicl.adaptation as adaptation
     from weakicl.prompts import Point

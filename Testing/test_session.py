@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
-from weakicl.prompts import MASK_CHANNEL, Point, PromptSet
+from weakicl.prompts import MASK_CHANNEL, Box, Point, PromptSet
 from weakicl import session
 from weakicl.session import CLICK_SEED_MM, Segmenter, TaskEmbedding
 from weakicl.simulation import slice_boxes, slice_fractions
@@ -359,6 +359,64 @@ def test_a_click_of_one_sign_changes_the_result_in_its_direction_only(segmenter,
         else:
             assert not corrected[tuple(kji)] and (corrected <= previous).all() and (corrected < previous).any()
             assert (alone > previous).any()
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_click_on_the_result_s_border_moves_the_border_there_only(segmenter, phantom, monkeypatch, local):
+    """A click whose face neighbour is already on its side points at an error one voxel thick: the
+    correction sets the click's ball, runs no network pass and changes nothing else (recomputing the
+    neighbourhood changed more voxels wrongly than rightly on the tuning structures)."""
+    monkeypatch.setattr(session, "BORDER_CLICKS_LOCAL", local)
+    volume, truth = phantom
+    boxes = slice_boxes(truth)
+    task = segmenter.encode_context([(volume, boxes)])
+    previous = np.roll(truth, 2, axis=2)
+    extra = previous & ~truth & ~np.roll(previous, -1, axis=2)  # on the border: the next voxel along i is out
+    kji = np.argwhere(extra)[len(np.argwhere(extra)) // 2]  # background: its tissue is everywhere, it has no region
+    click = PromptSet(points=[Point(tuple(float(c) for c in kji[::-1]), False)])
+    windows = []
+    original = session.Segmenter._sliding_window
+    monkeypatch.setattr(session.Segmenter, "_sliding_window", lambda self, *a, **k: windows.append(1) or original(self, *a, **k))
+    prediction = segmenter.segment(volume, task, boxes + click, previous, new_prompts=click)
+    corrected = prediction.masks[0]
+    assert not corrected[tuple(kji)] and (corrected <= previous).all()
+    changed = np.argwhere(corrected != previous)
+    if local:
+        assert not windows and np.abs(changed - kji).max() <= 1  # the click's 1 mm ball on this grid
+        assert all(a.start <= c < a.stop for a, c in zip(prediction.changed_kji, kji))
+    else:
+        assert windows and np.abs(changed - kji).max() > 1
+
+
+def test_a_new_click_s_frame_covers_its_own_region_not_the_other_side_s_beside_it():
+    from weakicl.framing import Frame
+    from weakicl.session import _new_regions_extent
+
+    frame = Frame(np.zeros(3), np.ones(3), (40, 40, 40), np.ones(3))
+    regions = np.zeros((40, 40, 40), np.int8)
+    regions[:, 18:22, 18:22] = 1  # an earlier positive click's region: a vessel along k
+    regions[18:22, 22:26, 18:22] = -1  # the new negative click's compartment, touching it
+    lo, hi = _new_regions_extent(frame, regions, PromptSet(points=[Point((20.0, 23.0, 20.0), False)]))
+    assert np.array_equal(lo, [18, 22, 18]) and np.array_equal(hi, [21, 25, 21])
+
+
+def test_a_negative_region_of_the_tissue_the_box_centres_hold_is_not_taken():
+    """The guard against a vanishing structure counts the box-centre seeds as the boxes give them, not
+    after a negative click of their tissue made them unknown: a result that ran on along its own tissue
+    keeps its seeds, and the click its neighbourhood."""
+    from weakicl.framing import Frame
+    from weakicl.session import _structure_click_regions
+
+    image = np.full((12, 48, 48), 0.5, np.float32)  # noise-free: the click's tissue is exactly the seeds' tissue
+    image[:, 8:24, 8:24] = 1.0  # the structure ...
+    image[:, 8:24, 18:24] = 0.8  # ... with a part of another tissue
+    image[:, 24:44, 10:14] = 1.0  # its main tissue running on from it
+    previous = np.zeros(image.shape, bool)
+    previous[:, 4:46, 4:28] = True  # the result took the run-on and the tissue around it too
+    boxes = PromptSet([Box((8, 8, k), (23, 23, k)) for k in (2, 6, 10)])
+    frame = Frame(np.zeros(3), np.ones(3), image.shape, np.ones(3))
+    click = PromptSet(points=[Point((12.0, 36.0, 6.0), False)])  # deep in the run-on
+    assert _structure_click_regions(frame, image, boxes + click, previous) is None
 
 
 def _tube(length: int = 96) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:

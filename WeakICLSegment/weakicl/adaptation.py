@@ -39,6 +39,7 @@ CLICK_REGION_TOLERANCE: float | None = 3.0
 CLICK_REGION_STABILITY = 1.3  # ... growing at most this much when the tolerance widens by half (a compartment, not a leak)
 CLICK_REGION_NEGATIVE_SHARE = 0.6  # ... at most this share of the previous result for a negative click
 CLICK_REGION_POSITIVE_SHARE = 1.0  # ... and this share of it for a positive one
+CLICK_REGION_HOLE_SHARE = 0.02  # holes in a region this small against it are noise and filled; larger ones are a cavity (a ring's pool)
 OUTSIDE_BAND = 0.5  # background samples within this fraction of the box size around it
 FEATURE_LEVELS = 3  # encoder levels whose features the probe reads (finest first)
 L2_PENALTY = 1e-2
@@ -92,7 +93,7 @@ def appearance_labels(frame_prompts: PromptSet, image: np.ndarray, previous: np.
                 typical = score >= min(CORE_TYPICALITY, float(np.quantile(score, 1.0 - MIN_CORE_KEPT)))
                 labels[index][core] = np.where(typical, 1, -1)
     if previous is not None and CONTRADICTION_DEPTH is not None:
-        _drop_contradicted_seeds(labels, frame_prompts, image, previous)
+        _drop_contradicted_seeds(labels, frame_prompts, image, previous, regions)
     if regions is not None:
         labels[regions < 0] = 0
         labels[regions > 0] = 1
@@ -113,8 +114,8 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     box-centre seeds of a ring's pool would otherwise pull the pool back on every later correction.
     A region is the connected voxels of `zone` (the competition's undecided region) within
     CLICK_REGION_TOLERANCE noise SDs (`_noise_sd`) of the median of the click's voxel and its 6 face
-    neighbours (a wall two voxels thick holds most of them), its holes filled. It counts only where it is
-    a compartment: growing it with a tolerance half as wide again adds at most CLICK_REGION_STABILITY - 1
+    neighbours (a wall two voxels thick holds most of them), its small holes filled. It counts only where it is
+    a compartment holding no click of the other side (that tissue is then both, and says nothing): growing it with a tolerance half as wide again adds at most CLICK_REGION_STABILITY - 1
     of it (one tissue continuing into the structure leaks), and it is at most CLICK_REGION_NEGATIVE_SHARE
     (negative) or CLICK_REGION_POSITIVE_SHARE (positive) of the `previous` result (a click in the tissue
     the structure itself is made of would take the whole structure). Negative regions stand only beside a
@@ -130,17 +131,19 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     seeds_beyond = np.count_nonzero(seeds) - np.count_nonzero(seeds[box])
     image, zone, seeds, inside = image[box], zone[box], seeds[box], regions[box]  # `inside` is a view
     tolerance = CLICK_REGION_TOLERANCE * max(_noise_sd(image, zone), 1e-3)
-    for point in points:
-        voxel = nearest_voxel_kji(point) - lo
+    voxels = [nearest_voxel_kji(point) - lo for point in points]
+    for point, voxel in zip(points, voxels):
         if np.any(voxel < 0) or np.any(voxel >= image.shape) or not zone[tuple(voxel)]:
             continue
-        neighbours = np.clip(voxel + _FACE_STEPS, 0, np.array(image.shape) - 1)
+        neighbours = np.clip(voxel + FACE_STEPS, 0, np.array(image.shape) - 1)
         centre = float(np.median(image[tuple(neighbours.T)]))
         region = _connected_within(image, zone, voxel, centre, tolerance)
         limit = (CLICK_REGION_POSITIVE_SHARE if point.positive else CLICK_REGION_NEGATIVE_SHARE) * size
         count = int(np.count_nonzero(region))
         wider = np.count_nonzero(_connected_within(image, zone, voxel, centre, 1.5 * tolerance))
-        if count > limit or wider > CLICK_REGION_STABILITY * count:
+        contradicted = any(other.positive != point.positive and np.all(v >= 0) and np.all(v < image.shape) and region[tuple(v)]
+                           for other, v in zip(points, voxels))
+        if count > limit or wider > CLICK_REGION_STABILITY * count or contradicted:
             continue
         inside[region] = 1 if point.positive else -1
     if not np.any(inside > 0) and np.count_nonzero(seeds & (inside < 0)) > np.count_nonzero(seeds & (inside == 0)) + seeds_beyond:
@@ -148,7 +151,7 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     return regions if inside.any() else None
 
 
-_FACE_STEPS = np.vstack([np.zeros((1, 3), dtype=int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])  # a voxel and its 6 face neighbours
+FACE_STEPS = np.vstack([np.zeros((1, 3), dtype=int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])  # a voxel and its 6 face neighbours
 
 
 def _noise_sd(image: np.ndarray, zone: np.ndarray) -> float:
@@ -164,7 +167,8 @@ def _noise_sd(image: np.ndarray, zone: np.ndarray) -> float:
 
 def _connected_within(image: np.ndarray, zone: np.ndarray, voxel: np.ndarray, centre: float, tolerance: float) -> np.ndarray:
     """The voxels of `zone` within `tolerance` of `centre` face-connected to `voxel` (none where it is not one),
-    with the holes that noise leaves in it filled."""
+    with the holes that noise leaves in it filled: those of at most CLICK_REGION_HOLE_SHARE of it. A larger
+    enclosed hole is a cavity of another tissue (a closed shell's pool), not part of the click's tissue."""
     components, _ = ndimage.label(zone & (np.abs(image - centre) <= tolerance))
     label = components[tuple(voxel)]
     region = np.zeros(image.shape, dtype=bool)
@@ -172,18 +176,24 @@ def _connected_within(image: np.ndarray, zone: np.ndarray, voxel: np.ndarray, ce
         found = components == label
         lo, hi = bounding_box(found)
         box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
-        region[box] = ndimage.binary_fill_holes(found[box]) & zone[box]
+        holes, _ = ndimage.label(ndimage.binary_fill_holes(found[box]) & ~found[box])
+        sizes = np.bincount(holes.ravel())
+        small = sizes <= CLICK_REGION_HOLE_SHARE * np.count_nonzero(found)
+        small[0] = False
+        region[box] = (found[box] | small[holes]) & zone[box]
     return region
 
 
-def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray) -> None:
+def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image: np.ndarray, previous: np.ndarray,
+                             regions: np.ndarray | None = None) -> None:
     """In place: box-centre seeds (label 1) of a negative click's intensity, within CONTRADICTION_SPREAD
     of their interquartile range, become unknown when the click lies at least CONTRADICTION_DEPTH frame
     voxels inside the `previous` result: the user says a tissue the boxes' centres hold is not the
     structure (the centre of a crescent, a ring or loops of bowel), so those seeds must not pull it
     back. A click on the border of the previous result (a shell of one voxel) says where the border
     is, not which tissue is wrong, and leaves the seeds as they are."""
-    negatives = [point for point in frame_prompts.points if not point.positive]
+    negatives = [point for point in frame_prompts.points if not point.positive
+                 and not (regions is not None and _at(regions, nearest_voxel_kji(point)) < 0)]
     seeds = labels == 1
     if not negatives or not seeds.any():
         return
@@ -193,6 +203,11 @@ def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image
         voxel = tuple(nearest_voxel_kji(point))
         if all(0 <= v < n for v, n in zip(voxel, image.shape)) and _inside_by(previous, voxel, CONTRADICTION_DEPTH):
             labels[seeds & (np.abs(image - image[voxel]) <= spread)] = -1
+
+
+def _at(array: np.ndarray, voxel: np.ndarray):
+    """`array` at a KJI voxel, 0 outside it."""
+    return array[tuple(voxel)] if np.all(voxel >= 0) and np.all(voxel < array.shape) else 0
 
 
 def nearest_voxel_kji(point) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .adaptation import (APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels,
-                         click_regions, nearest_voxel_kji)
+                         FACE_STEPS, click_regions, nearest_voxel_kji)
 from .context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
 from .devices import device_name, resolve_device
 from .errors import InputError
@@ -54,6 +54,11 @@ ALIGNMENT_SHARE = 0.2  # of a whole volume's progress bar: registering its conte
 PRIOR_SEARCH_LEVEL = 0.05  # whole-volume windows cover where the aligned context's prior exceeds this
 PRIOR_MARGIN_FRACTION = 0.25  # ... plus this fraction of its extent and ROI_MARGIN_VOXELS
 CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCut's seed radius, cost 0.017 on the hippocampus)
+# a click on the previous result's border (its voxel or a face neighbour already of the other side) moves
+# the border at the click only: the errors a click there points at are one voxel thick, and recomputing the
+# neighbourhood changed 1.1-3.4 voxels wrongly for each right one (tuning: hippocampi after 5 clicks
+# 0.858 -> 0.869, other 0.810 -> 0.813; its neighbours too (1 voxel): 0.864, 0.807). False: recompute.
+BORDER_CLICKS_LOCAL = True
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 # the box hull goes on this fraction of a box gap past the outermost slice boxes (the structure does):
@@ -570,6 +575,8 @@ class Segmenter:
             if previous_mask is not None and prompts.points:
                 regions = _structure_click_regions(structure, structure_image, prompts, previous_source)
                 reach = _new_regions_extent(structure, regions, new_prompts)
+                if BORDER_CLICKS_LOCAL and _border_clicks_only(new_prompts, previous_mask, structure, regions):
+                    return _border_moved(previous_mask, prompts, new_prompts, target, task, progress)
         frame = self._frame(target, prompts, previous_mask, new_prompts, also_kji=reach)
         channels = self._frame_channels(frame, prompts, previous_source)
         image = _host(frame.sample(source))
@@ -957,7 +964,7 @@ def _structure_click_regions(structure: Frame, image: np.ndarray, prompts: Promp
     the competition's undecided region, against the box-centre seeds there."""
     previous_frame = _host(structure.sample(previous, fill=0.0)) > 0.5
     frame_prompts = structure.prompts_to_frame(prompts)
-    seeds = appearance_labels(frame_prompts, image, previous_frame) == 1
+    seeds = appearance_labels(frame_prompts, image) == 1  # what the boxes say before any click contradicts them
     return click_regions(image, _competition_zone(structure, frame_prompts, previous_frame), frame_prompts.points,
                          previous_frame, seeds)
 
@@ -967,12 +974,14 @@ def _new_regions_extent(frame: Frame, regions: np.ndarray | None, new_prompts: P
     a correction recomputes the compartment a new click means, not only the click's neighbourhood."""
     if regions is None:
         return None
-    components, _ = ndimage.label(regions != 0)
-    voxels = [nearest_voxel_kji(point) for point in frame.prompts_to_frame(new_prompts).points]
-    labels = {int(components[tuple(v)]) for v in voxels if np.all(v >= 0) and np.all(v < regions.shape)} - {0}
-    if not labels:
+    meant = np.zeros(regions.shape, dtype=bool)
+    for voxel in (nearest_voxel_kji(point) for point in frame.prompts_to_frame(new_prompts).points):
+        if np.all(voxel >= 0) and np.all(voxel < regions.shape) and regions[tuple(voxel)]:
+            components, _ = ndimage.label(regions == regions[tuple(voxel)])  # not the other side's regions beside it
+            meant |= components == components[tuple(voxel)]
+    if not meant.any():
         return None
-    lo, hi = bounding_box(np.isin(components, sorted(labels)))
+    lo, hi = bounding_box(meant)
     return frame.origin_kji + frame.step_kji * lo, frame.origin_kji + frame.step_kji * hi
 
 
@@ -990,6 +999,37 @@ def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, r
         grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
         inside = sum(((g - c) * d) ** 2 for g, c, d in zip(grids, centre, spacing_kji)) <= CLICK_SEED_MM**2
         probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
+
+
+def _border_clicks_only(new_prompts: PromptSet, previous: np.ndarray, structure: Frame, regions: np.ndarray | None) -> bool:
+    """Whether the new prompts are clicks alone, each on the `previous` result's border (its voxel or a
+    face neighbour already on the click's side) and in none of the clicks' `regions` (in `structure`'s
+    frame): a compartment is meant whole, wherever it is clicked."""
+    if new_prompts.boxes or new_prompts.oriented_boxes or not new_prompts.points:
+        return False
+    for point in new_prompts.points:
+        voxel = nearest_voxel_kji(point)
+        neighbours = np.clip(voxel + FACE_STEPS, 0, np.array(previous.shape) - 1)
+        if not np.any(previous[tuple(neighbours.T)] == point.positive):
+            return False
+    if regions is not None:
+        for voxel in (nearest_voxel_kji(point) for point in structure.prompts_to_frame(new_prompts).points):
+            if np.all(voxel >= 0) and np.all(voxel < regions.shape) and regions[tuple(voxel)]:
+                return False
+    return True
+
+
+def _border_moved(previous: np.ndarray, prompts: PromptSet, new_prompts: PromptSet, target: Volume, task: TaskEmbedding,
+                  progress: ProgressCallback) -> Prediction:
+    """The `previous` result with the border moved at the new clicks (their CLICK_SEED_MM balls), no network pass."""
+    marked = np.array([nearest_voxel_kji(point) for point in new_prompts.points])
+    reach = np.ceil(CLICK_SEED_MM / np.asarray(target.geometry.spacing, dtype=float)[::-1]).astype(int)
+    lo, hi = np.maximum(marked.min(axis=0) - reach, 0), np.minimum(marked.max(axis=0) + reach + 1, previous.shape)
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    probabilities = previous[None].astype(np.float32)
+    _honour_points(probabilities[0], prompts, target.geometry.spacing, region)
+    progress(1.0, "border moved at the clicks")
+    return Prediction(probabilities, list(task.names), region)
 
 
 def _one_way(probabilities: np.ndarray, previous: np.ndarray, new_prompts: PromptSet) -> None:
