@@ -317,7 +317,8 @@ def test_a_correction_tells_the_probe_and_the_competition_where_the_previous_res
     inside = tuple(float(c) for c in np.argwhere(first)[len(np.argwhere(first)) // 2][::-1])
     click = PromptSet(points=[Point(inside, False)])
     segmenter.segment(volume, task, boxes + click, first, new_prompts=click)
-    assert len(given) == 3 and all(previous is not None and previous.dtype == bool and previous.any() for previous in given)  # and the clicks' regions' seeds
+    assert len(given) == 3 and given[0] is None  # the seeds the clicks' regions are guarded by: as the boxes give them
+    assert all(previous is not None and previous.dtype == bool and previous.any() for previous in given[1:])
 
 
 def test_a_correction_sampled_by_torch_on_the_device_gives_what_numpy_gives(segmenter, phantom, monkeypatch):
