@@ -114,9 +114,9 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     box-centre seeds of a ring's pool would otherwise pull the pool back on every later correction.
     A region is the connected voxels of `zone` (the competition's undecided region) within
     CLICK_REGION_TOLERANCE noise SDs (`_noise_sd`) of the median of the click's voxel and its 6 face
-    neighbours (a wall two voxels thick holds most of them), its small holes filled. It counts only where it is
-    a compartment holding no click of the other side (that tissue is then both, and says nothing): growing it with a tolerance half as wide again adds at most CLICK_REGION_STABILITY - 1
-    of it (one tissue continuing into the structure leaks), and it is at most CLICK_REGION_NEGATIVE_SHARE
+    neighbours (a wall two voxels thick holds most of them), its small holes filled. It counts only where it
+    is a compartment holding no click of the other side (that tissue is then both, and says nothing):
+    growing it with a tolerance half as wide again adds at most CLICK_REGION_STABILITY - 1 of it (one tissue continuing into the structure leaks), and it is at most CLICK_REGION_NEGATIVE_SHARE
     (negative) or CLICK_REGION_POSITIVE_SHARE (positive) of the `previous` result (a click in the tissue
     the structure itself is made of would take the whole structure). Negative regions stand only beside a
     positive region or where they hold at most half of the structure `seeds` (what the prompts say for
@@ -133,7 +133,7 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     tolerance = CLICK_REGION_TOLERANCE * max(_noise_sd(image, zone), 1e-3)
     voxels = [nearest_voxel_kji(point) - lo for point in points]
     for point, voxel in zip(points, voxels):
-        if np.any(voxel < 0) or np.any(voxel >= image.shape) or not zone[tuple(voxel)]:
+        if not at_voxel(zone, voxel):
             continue
         neighbours = np.clip(voxel + FACE_STEPS, 0, np.array(image.shape) - 1)
         centre = float(np.median(image[tuple(neighbours.T)]))
@@ -141,8 +141,7 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
         limit = (CLICK_REGION_POSITIVE_SHARE if point.positive else CLICK_REGION_NEGATIVE_SHARE) * size
         count = int(np.count_nonzero(region))
         wider = np.count_nonzero(_connected_within(image, zone, voxel, centre, 1.5 * tolerance))
-        contradicted = any(other.positive != point.positive and np.all(v >= 0) and np.all(v < image.shape) and region[tuple(v)]
-                           for other, v in zip(points, voxels))
+        contradicted = any(other.positive != point.positive and at_voxel(region, v) for other, v in zip(points, voxels))
         if count > limit or wider > CLICK_REGION_STABILITY * count or contradicted:
             continue
         inside[region] = 1 if point.positive else -1
@@ -191,9 +190,10 @@ def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image
     voxels inside the `previous` result: the user says a tissue the boxes' centres hold is not the
     structure (the centre of a crescent, a ring or loops of bowel), so those seeds must not pull it
     back. A click on the border of the previous result (a shell of one voxel) says where the border
-    is, not which tissue is wrong, and leaves the seeds as they are."""
+    is, not which tissue is wrong, and leaves the seeds as they are; so does a click with a region of its
+    own in `regions` (`click_regions`): the region says which tissue is wrong, and only there."""
     negatives = [point for point in frame_prompts.points if not point.positive
-                 and not (regions is not None and _at(regions, nearest_voxel_kji(point)) < 0)]
+                 and not (regions is not None and at_voxel(regions, nearest_voxel_kji(point)) < 0)]
     seeds = labels == 1
     if not negatives or not seeds.any():
         return
@@ -205,9 +205,9 @@ def _drop_contradicted_seeds(labels: np.ndarray, frame_prompts: PromptSet, image
             labels[seeds & (np.abs(image - image[voxel]) <= spread)] = -1
 
 
-def _at(array: np.ndarray, voxel: np.ndarray):
-    """`array` at a KJI voxel, 0 outside it."""
-    return array[tuple(voxel)] if np.all(voxel >= 0) and np.all(voxel < array.shape) else 0
+def at_voxel(array: np.ndarray, voxel_kji: np.ndarray):
+    """`array` at a KJI voxel, 0 (False) where the voxel lies outside it."""
+    return array[tuple(voxel_kji)] if np.all(voxel_kji >= 0) and np.all(voxel_kji < array.shape) else 0
 
 
 def nearest_voxel_kji(point) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .adaptation import (APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels,
-                         FACE_STEPS, click_regions, nearest_voxel_kji)
+                         FACE_STEPS, at_voxel, click_regions, nearest_voxel_kji)
 from .context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
 from .devices import device_name, resolve_device
 from .errors import InputError
@@ -575,7 +575,7 @@ class Segmenter:
             if previous_mask is not None and prompts.points:
                 regions = _structure_click_regions(structure, structure_image, prompts, previous_source)
                 reach = _new_regions_extent(structure, regions, new_prompts)
-                if BORDER_CLICKS_LOCAL and _border_clicks_only(new_prompts, previous_mask, structure, regions):
+                if BORDER_CLICKS_LOCAL and reach is None and _border_clicks_only(new_prompts, previous_mask):  # in no region
                     return _border_moved(previous_mask, prompts, new_prompts, target, task, progress)
         frame = self._frame(target, prompts, previous_mask, new_prompts, also_kji=reach)
         channels = self._frame_channels(frame, prompts, previous_source)
@@ -976,7 +976,7 @@ def _new_regions_extent(frame: Frame, regions: np.ndarray | None, new_prompts: P
         return None
     meant = np.zeros(regions.shape, dtype=bool)
     for voxel in (nearest_voxel_kji(point) for point in frame.prompts_to_frame(new_prompts).points):
-        if np.all(voxel >= 0) and np.all(voxel < regions.shape) and regions[tuple(voxel)]:
+        if at_voxel(regions, voxel):
             components, _ = ndimage.label(regions == regions[tuple(voxel)])  # not the other side's regions beside it
             meant |= components == components[tuple(voxel)]
     if not meant.any():
@@ -1001,21 +1001,16 @@ def _honour_points(probabilities: np.ndarray, prompts: PromptSet, spacing_ijk, r
         probabilities[tuple(slice(a, b) for a, b in zip(lo, hi))][inside] = 1.0 if point.positive else 0.0
 
 
-def _border_clicks_only(new_prompts: PromptSet, previous: np.ndarray, structure: Frame, regions: np.ndarray | None) -> bool:
-    """Whether the new prompts are clicks alone, each on the `previous` result's border (its voxel or a
-    face neighbour already on the click's side) and in none of the clicks' `regions` (in `structure`'s
-    frame): a compartment is meant whole, wherever it is clicked."""
+def _border_clicks_only(new_prompts: PromptSet, previous: np.ndarray) -> bool:
+    """Whether the new prompts are clicks alone, each on the `previous` result's border: its voxel or a
+    face neighbour already on the click's side. (A click in a compartment is meant whole, wherever it
+    sits: the caller asks only where no new click has a region.)"""
     if new_prompts.boxes or new_prompts.oriented_boxes or not new_prompts.points:
         return False
     for point in new_prompts.points:
-        voxel = nearest_voxel_kji(point)
-        neighbours = np.clip(voxel + FACE_STEPS, 0, np.array(previous.shape) - 1)
+        neighbours = np.clip(nearest_voxel_kji(point) + FACE_STEPS, 0, np.array(previous.shape) - 1)
         if not np.any(previous[tuple(neighbours.T)] == point.positive):
             return False
-    if regions is not None:
-        for voxel in (nearest_voxel_kji(point) for point in structure.prompts_to_frame(new_prompts).points):
-            if np.all(voxel >= 0) and np.all(voxel < regions.shape) and regions[tuple(voxel)]:
-                return False
     return True
 
 
