@@ -14,7 +14,7 @@ from conftest import ellipsoid, require_shared_data
 from weakicl.errors import InputError
 from weakicl.evaluation.baselines import AtlasRegistration, BoxInterpolation, GrowCut, OtsuThreshold, growcut_backend
 from weakicl.evaluation.manifest import read_manifest, select_structures
-from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, dice, score
+from weakicl.evaluation.metrics import bootstrap_mean, click_curve_area, click_effect, dice, score
 from weakicl.evaluation.protocols import Method, Settings, Trial, evaluate, target_prompts
 from weakicl.prompts import Box, PromptSet
 from weakicl.volume import Geometry, Volume
@@ -71,6 +71,24 @@ def test_click_curve_area_is_the_normalised_trapezoid():
     assert click_curve_area([0.0, 1.0]) == pytest.approx(0.5)
     assert click_curve_area([0.5, 0.5, 0.5]) == pytest.approx(0.5)
     assert click_curve_area([0.2, 0.6, 1.0]) == pytest.approx(0.6)
+
+
+def test_click_effect_measures_depth_component_and_right_and_wrong_changes():
+    truth = np.zeros((1, 12, 12), dtype=bool)
+    truth[0, 2:10, 2:10] = True
+    previous = truth.copy()
+    previous[0, 2:10, 6:10] = False  # a missed 8x4 slab: its voxels are 1-4 face steps from the result
+    corrected = previous.copy()
+    corrected[0, 2:10, 6:8] = True  # half the slab fixed...
+    corrected[0, 0, 0:3] = True  # ...and three voxels wrongly added far away
+    deep = click_effect(previous, corrected, truth, (0, 5, 8), positive=True)
+    assert (deep.depth_voxels, deep.component_voxels, deep.fixed_in_component) == (3, 32, 16)
+    assert (deep.right_changes, deep.wrong_changes) == (16, 3)
+    assert click_effect(previous, corrected, truth, (0, 5, 6), positive=True).depth_voxels == 1  # on the border
+    negative = click_effect(corrected, previous, truth, (0, 0, 1), positive=False)  # undoing it: a false positive
+    assert (negative.depth_voxels, negative.component_voxels, negative.right_changes, negative.wrong_changes) == (1, 3, 3, 16)
+    nothing = np.zeros_like(truth)
+    assert click_effect(nothing, nothing, truth, (0, 5, 5), positive=True).depth_voxels is None  # no side to measure from
 
 
 # -- prompts and clicks ----------------------------------------------------------------------------

@@ -1,24 +1,33 @@
 """What each protocol click changes, on the tuning structures (never validation or unseen ones): the share of
-the error component it sits in that the correction fixes, and the voxels it changes elsewhere for the
-better and for the worse. Writes one row per click to OUT (JSON) and prints a summary:
+the error component it sits in that the correction fixes, the voxels it changes for the better and for the
+worse, and how deep the click sits (face steps to the previous result's other side; 1 is on its border).
+Writes one row per click to OUT (JSON) and prints a summary, overall and for border and deeper clicks:
 
     python scripts/click_diagnosis.py --group tuning-other --out reports/click-diagnosis/tuning-other.json
+    python scripts/click_diagnosis.py --group tuning-hippocampus --recompute-border-clicks \
+        --out reports/click-diagnosis/tuning-hippocampus-recomputed.json
+
+`--recompute-border-clicks` turns `session.BORDER_CLICKS_LOCAL` off: every click runs the network over its
+neighbourhood, the engine before border clicks became local (the evidence for that rule).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
+from weakicl import session
 from weakicl.evaluation.manifest import read_manifest, structure_mask, tuning_structures
 from weakicl.evaluation.methods import build_methods
-from weakicl.evaluation.metrics import dice
+from weakicl.evaluation.metrics import click_effect, dice
 from weakicl.evaluation.protocols import Settings, build_trial, structure_rng
-from weakicl.simulation import FULL_CONNECTIVITY, corrective_click
+from weakicl.simulation import corrective_click
+
+BORDER_DEPTH = 1  # face steps: the session's border-click rule
 
 
 def main() -> None:
@@ -27,7 +36,9 @@ def main() -> None:
     parser.add_argument("--group", default="tuning-other", choices=["tuning-other", "tuning-hippocampus"])
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recompute-border-clicks", action="store_true", help="turn session.BORDER_CLICKS_LOCAL off")
     args = parser.parse_args()
+    session.BORDER_CLICKS_LOCAL = not args.recompute_border_clicks
     cases, document = read_manifest(args.manifest)
     (method,) = build_methods(["model"], None, "cpu")
     settings = Settings("interactive")
@@ -40,29 +51,33 @@ def main() -> None:
             click = corrective_click(prediction, truth, 0.0, rng)
             if click is None:
                 break
-            voxel = tuple(int(round(v)) for v in click.ijk[::-1])
-            error = (truth & ~prediction) if click.positive else (prediction & ~truth)
-            components, _ = ndimage.label(error, FULL_CONNECTIVITY)
-            component = components == components[voxel]
             clicks.append(click)
             corrected = method.segment(trial, clicks, prediction)
-            changed = corrected != prediction
+            voxel = tuple(int(round(v)) for v in click.ijk[::-1])
+            effect = click_effect(prediction, corrected, truth, voxel, click.positive)
             rows.append({"structure": f"{structure.case.id}/{structure.name}", "click": number, "positive": bool(click.positive),
-                         "component_voxels": int(component.sum()), "fixed_in_component": int((component & changed).sum()),
-                         "better_elsewhere": int((changed & ~component & (corrected == truth)).sum()),
-                         "worse_elsewhere": int((changed & ~component & (corrected != truth)).sum()),
-                         "dice_before": float(dice(prediction, truth)), "dice_after": float(dice(corrected, truth))})
+                         **asdict(effect), "dice_before": dice(prediction, truth), "dice_after": dice(corrected, truth)})
             print(json.dumps(rows[-1]), flush=True)
             prediction = corrected
-    share = np.array([row["fixed_in_component"] / row["component_voxels"] for row in rows])
-    summary = {"clicks": len(rows), "mean_share_of_component_fixed": float(share.mean()),
-               "median_share_of_component_fixed": float(np.median(share)),
-               "voxels_fixed_in_components": int(sum(row["fixed_in_component"] for row in rows)),
-               "voxels_better_elsewhere": int(sum(row["better_elsewhere"] for row in rows)),
-               "voxels_worse_elsewhere": int(sum(row["worse_elsewhere"] for row in rows))}
-    print(json.dumps(summary))
+    summary = {"all": summarise(rows),
+               "border": summarise([row for row in rows if row["depth_voxels"] is not None and row["depth_voxels"] <= BORDER_DEPTH]),
+               "deeper": summarise([row for row in rows if row["depth_voxels"] is None or row["depth_voxels"] > BORDER_DEPTH])}
+    print(json.dumps(summary, indent=1))
+    command = f"python scripts/click_diagnosis.py --group {args.group}" + (" --recompute-border-clicks" if args.recompute_border_clicks else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python scripts/click_diagnosis.py --group " + args.group, "summary": summary, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"command": command, "summary": summary, "rows": rows}, indent=1))
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Totals over some clicks, split by side: a net-harmful kind of click has more wrong changes than right."""
+    def totals(chosen: list[dict]) -> dict:
+        share = [row["fixed_in_component"] / row["component_voxels"] for row in chosen if row["component_voxels"]]
+        return {"clicks": len(chosen), "right_changes": sum(row["right_changes"] for row in chosen),
+                "wrong_changes": sum(row["wrong_changes"] for row in chosen),
+                "mean_dice_gain": float(np.mean([row["dice_after"] - row["dice_before"] for row in chosen])) if chosen else None,
+                "mean_share_of_component_fixed": float(np.mean(share)) if share else None}
+    return {"total": totals(rows), "positive": totals([row for row in rows if row["positive"]]),
+            "negative": totals([row for row in rows if not row["positive"]])}
 
 
 if __name__ == "__main__":

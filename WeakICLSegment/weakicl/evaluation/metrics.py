@@ -10,6 +10,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
+from ..simulation import FULL_CONNECTIVITY
 
 SURFACE_TOLERANCE_MM = 2.0
 
@@ -91,3 +94,36 @@ def click_curve_area(dice_after_clicks: list[float]) -> float:
     if curve.size == 1:
         return float(curve[0])
     return float(np.sum((curve[1:] + curve[:-1]) / 2.0) / (curve.size - 1))
+
+
+@dataclass(frozen=True)
+class ClickEffect:
+    """What one corrective click changed. `depth_voxels` is the face-step (taxicab) distance from the
+    click's voxel to the nearest voxel the previous result already put on the click's side (1: a face
+    neighbour is, the click sits on the border; None: no such voxel). `component_voxels` is the error
+    component (full connectivity) the click sits in, `fixed_in_component` the voxels of it the correction
+    changed; `right_changes` and `wrong_changes` count every changed voxel that is now right or now wrong."""
+
+    depth_voxels: int | None
+    component_voxels: int
+    fixed_in_component: int
+    right_changes: int
+    wrong_changes: int
+
+
+def click_effect(previous: np.ndarray, corrected: np.ndarray, truth: np.ndarray, voxel_kji: tuple[int, int, int],
+                 positive: bool) -> ClickEffect:
+    """Measure one click (placed at `voxel_kji` on `previous`, answered by `corrected`) against `truth`;
+    all three masks share one grid."""
+    on_other_side = previous != positive
+    depth = None
+    if not on_other_side.all():
+        depth = int(ndimage.distance_transform_cdt(on_other_side, metric="taxicab")[voxel_kji])
+    error = (truth & ~previous) if positive else (previous & ~truth)
+    components, _ = ndimage.label(error, FULL_CONNECTIVITY)
+    label = components[voxel_kji]
+    component = (components == label) if label else np.zeros_like(error)
+    changed = corrected != previous
+    now_right = corrected == truth
+    return ClickEffect(depth, int(component.sum()), int((component & changed).sum()),
+                       int((changed & now_right).sum()), int((changed & ~now_right).sum()))
