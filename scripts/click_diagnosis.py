@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from weakicl import session
+from weakicl.adaptation import nearest_voxel_kji
 from weakicl.evaluation.manifest import read_manifest, structure_mask, tuning_structures
 from weakicl.evaluation.methods import build_methods
 from weakicl.evaluation.metrics import click_effect, dice
@@ -53,7 +54,7 @@ def main() -> None:
                 break
             clicks.append(click)
             corrected = method.segment(trial, clicks, prediction)
-            voxel = tuple(int(round(v)) for v in click.ijk[::-1])
+            voxel = tuple(nearest_voxel_kji(click))  # the click's voxel as the session reads it
             effect = click_effect(prediction, corrected, truth, voxel, click.positive)
             rows.append({"structure": f"{structure.case.id}/{structure.name}", "click": number, "positive": bool(click.positive),
                          **asdict(effect), "dice_before": dice(prediction, truth), "dice_after": dice(corrected, truth)})

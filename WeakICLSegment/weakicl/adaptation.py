@@ -135,8 +135,7 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     for point, voxel in zip(points, voxels):
         if not at_voxel(zone, voxel):
             continue
-        neighbours = np.clip(voxel + FACE_STEPS, 0, np.array(image.shape) - 1)
-        centre = float(np.median(image[tuple(neighbours.T)]))
+        centre = float(np.median(image[face_neighbourhood(voxel, image.shape)]))
         region = _connected_within(image, zone, voxel, centre, tolerance)
         limit = (CLICK_REGION_POSITIVE_SHARE if point.positive else CLICK_REGION_NEGATIVE_SHARE) * size
         count = int(np.count_nonzero(region))
@@ -150,7 +149,13 @@ def click_regions(image: np.ndarray, zone: np.ndarray, points: Sequence[Point], 
     return regions if inside.any() else None
 
 
-FACE_STEPS = np.vstack([np.zeros((1, 3), dtype=int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])  # a voxel and its 6 face neighbours
+_FACE_STEPS = np.vstack([np.zeros((1, 3), dtype=int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])  # a voxel and its 6 face neighbours
+
+
+def face_neighbourhood(voxel_kji: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Index arrays of a KJI voxel and its 6 face neighbours, clipped to an array of `shape` (at an edge a
+    neighbour repeats the voxel's own row): what a click's immediate tissue is read from."""
+    return tuple(np.clip(np.asarray(voxel_kji) + _FACE_STEPS, 0, np.array(shape) - 1).T)
 
 
 def _noise_sd(image: np.ndarray, zone: np.ndarray) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .adaptation import (APPEARANCE_LIMIT, APPEARANCE_WEIGHT, FEATURE_LEVELS, appearance_logits, appearance_labels,
-                         FACE_STEPS, at_voxel, click_regions, nearest_voxel_kji)
+                         at_voxel, click_regions, face_neighbourhood, nearest_voxel_kji)
 from .context_tuning import SEARCH_TUNING_MAX_SIDE, SearchReference, search_tokens
 from .devices import device_name, resolve_device
 from .errors import InputError
@@ -1008,8 +1008,7 @@ def _border_clicks_only(new_prompts: PromptSet, previous: np.ndarray) -> bool:
     if new_prompts.boxes or new_prompts.oriented_boxes or not new_prompts.points:
         return False
     for point in new_prompts.points:
-        neighbours = np.clip(nearest_voxel_kji(point) + FACE_STEPS, 0, np.array(previous.shape) - 1)
-        if not np.any(previous[tuple(neighbours.T)] == point.positive):
+        if not np.any(previous[face_neighbourhood(nearest_voxel_kji(point), previous.shape)] == point.positive):
             return False
     return True
 
