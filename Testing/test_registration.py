@@ -93,10 +93,40 @@ def test_only_the_prior_bounding_box_is_kept_and_it_resamples_like_the_whole_pri
     np.testing.assert_allclose(prior, organ.astype(np.float32), atol=1e-5)
 
 
-def test_shrink_factors_keep_the_coarsest_level_usable():
+def test_shrink_factors_keep_the_coarsest_level_usable_and_the_finest_small(monkeypatch):
     assert shrink_factors((36, 50, 40)) == [2, 1]
-    assert shrink_factors((300, 512, 512)) == [8, 4, 2]
+    assert shrink_factors((128, 256, 256)) == [8, 4]  # no level of a million voxels
+    assert shrink_factors((300, 512, 512)) == [8]
     assert shrink_factors((10, 10, 10)) == [1]
+    monkeypatch.setattr(registration, "FINEST_LEVEL_MAX_VOXELS", None)
+    assert shrink_factors((300, 512, 512)) == [8, 4, 2]
+
+
+def test_block_means_lie_at_the_centres_of_their_blocks():
+    geometry = Geometry((0.8, 1.2, 2.5), (3.0, -2.0, 1.0), oblique_geometry().direction, (9, 12, 10))
+    k, j, i = np.indices(geometry.shape_kji)
+    points = geometry.ijk_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+    ramp = (points @ np.array([0.3, -1.1, 0.7])).reshape(geometry.shape_kji).astype(np.float32)  # linear in LPS
+    averaged, coarse = registration.block_mean(ramp, geometry, 4)
+    assert averaged.shape == (2, 3, 2) and coarse.spacing == (3.2, 4.8, 10.0)
+    k, j, i = np.indices(averaged.shape)
+    centres = coarse.ijk_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+    np.testing.assert_allclose(averaged.ravel(), centres @ np.array([0.3, -1.1, 0.7]), atol=1e-3)
+
+
+def test_a_volume_registered_on_its_coarse_levels_only_still_lands_the_mask():
+    shape = (72, 80, 80)  # levels 4 and 2 of the ITK pyramid, on images averaged over blocks of 2 first
+    assert shrink_factors(shape) == [4, 2]
+    rng = np.random.default_rng(5)
+    organ = ellipsoid(shape, (36, 40, 44), (16, 20, 18))
+    image = (30 + 100 * organ + 60 * ellipsoid(shape, (48, 60, 68), (12, 10, 14)) + rng.normal(0, 5, shape)).astype(np.float32)
+    reference = Geometry.identity(shape)
+    shift = (6.0, -5.0, 4.0)
+    target_image = resampled_onto(image, reference, reference, shift, order=1)
+    target_truth = resampled_onto(organ.astype(np.float32), reference, reference, shift, order=0) > 0.5
+    prior = atlas_prior([AtlasItem(image, reference, organ.astype(np.float32), "reference")], target_image, reference, "target")
+    assert dice(prior >= 0.5, target_truth) > 0.9
+    assert dice(organ, target_truth) < 0.8  # the registration did the work
 
 
 def test_registration_reports_its_iterations_and_a_cancel_stops_it():

@@ -7,7 +7,7 @@ from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
 from weakicl.prompts import MASK_CHANNEL, Box, Point, PromptSet
 from weakicl import session
-from weakicl.session import CLICK_SEED_MM, Segmenter, TaskEmbedding
+from weakicl.session import CLICK_SEED_MM, WINDOW_PATCHES, Segmenter, TaskEmbedding
 from weakicl.simulation import slice_boxes, slice_fractions
 from weakicl.volume import Geometry, Volume
 
@@ -245,12 +245,28 @@ def test_whole_volumes_take_the_fewest_windows_that_overlap_by_the_minimum(segme
     starts, totals = [], set()
     encode = segmenter.model.encode_image
     monkeypatch.setattr(segmenter, "window_batch", 1)
+    monkeypatch.setattr(session, "ONE_WINDOW_MAX_VOXELS", 0)  # tiled, as a region larger than any frame is
     monkeypatch.setattr(segmenter.model, "encode_image", lambda window: starts.append(window.shape) or encode(window))
     segmenter._sliding_window(image, None, task, lambda fraction, message: totals.add(message.split("/")[-1]))
     assert len(starts) == 4 and totals == {"4"}
     count, overlap = _window_tiling(120, 48)
     step = int(48 * (1 - overlap))
     assert count == 4 and 48 - step >= MIN_WINDOW_OVERLAP_VOXELS and 3 * step + 48 >= 120
+
+
+def test_a_region_no_larger_than_a_frame_is_one_window_whatever_its_sides(segmenter, phantom, monkeypatch):
+    volume, truth = phantom
+    task = segmenter.encode_context([(volume, slice_boxes(truth))])
+    image = np.zeros((16, 48, 120), np.float32)  # wider than a window of 48 along i: 4 tiled windows before
+    seen = []
+    encode = segmenter.model.encode_image
+    monkeypatch.setattr(segmenter.model, "encode_image", lambda window: seen.append(tuple(window.shape[2:])) or encode(window))
+    probabilities = segmenter._sliding_window(image, None, task, lambda fraction, message: None)
+    assert seen == [image.shape] and probabilities.shape == (1,) + image.shape
+    seen.clear()
+    monkeypatch.setattr(session, "ONE_WINDOW_MAX_VOXELS", image.size - 1)
+    segmenter._sliding_window(image, None, task, lambda fraction, message: None)
+    assert len(seen) == 4 and all(max(shape) <= WINDOW_PATCHES * max(segmenter.config.patch_size) for shape in seen)
 
 
 def test_boxes_drawn_on_oblique_slices_guide_the_segmentation(segmenter, phantom):
@@ -468,14 +484,15 @@ def test_a_lone_negative_click_in_a_ring_s_pool_leaves_the_result_a_structure(se
     assert not corrected[48, 24, 24] and corrected[(pool | wall) & far].mean() > 0.95
 
 
-def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom):
+def test_a_frame_of_several_windows_hands_the_probe_blended_encoder_levels(segmenter, phantom, monkeypatch):
     """The probe reads the sliding window's padded image and encoder levels instead of encoding the frame
     again: one per level at the level's own scale, equal to the window's own features where one window
-    alone covers."""
+    alone covers (a frame larger than ONE_WINDOW_MAX_VOXELS, as weights whose framing allows larger frames make)."""
     import torch
 
     from weakicl.adaptation import FEATURE_LEVELS
 
+    monkeypatch.setattr(session, "ONE_WINDOW_MAX_VOXELS", 0)
     volume, truth = phantom
     task = segmenter.encode_context([(volume, slice_boxes(truth))])
     image = np.random.default_rng(0).standard_normal((16, 32, 96)).astype(np.float32)  # 3 windows of 48 along i
@@ -660,8 +677,6 @@ def test_a_single_slice_image_is_segmented_whole_with_its_second_pass(segmenter,
 
 
 def test_a_coarse_first_pass_sees_a_search_region_larger_than_a_window_whole_as_one_window(segmenter, phantom, monkeypatch):
-    from weakicl.session import WINDOW_PATCHES
-
     volume, truth = phantom
     task = segmenter.encode_context([(volume, slice_boxes(truth))])
     window = WINDOW_PATCHES * max(segmenter.config.patch_size)

@@ -1,6 +1,6 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.13/results.json \
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.14/results.json \
         reports/engine-0.6-network-only/results.json reports/engine-0.10-cross/results.json \
         reports/engine-0.13-points/results.json reports/engine-0.13-box3d/results.json
 

@@ -21,6 +21,10 @@ from .volume import Geometry, image_on_grid
 MIN_COARSE_VOXELS = 16  # the coarsest registration level keeps at least this many voxels per axis
 SHRINK_FACTORS = (8, 4, 2, 1)
 LEVELS = 3
+# levels finer than the first of at most this many voxels are skipped (None: none): an affine prior needs no
+# 1M-voxel level (MNI152 onto a 224x192x160 brain MR, white / grey matter prior Dice 0.431 / 0.389 with levels
+# 8, 4, 2 and 0.434 / 0.390 with 8, 4, in 0.9 s instead of 5.1 s; scripts/benchmark_engine.py's CT 0.37 s)
+FINEST_LEVEL_MAX_VOXELS: int | None = 64**3
 ITERATIONS = 100
 SAMPLING_FRACTION = 0.2
 HISTOGRAM_BINS = 32
@@ -56,8 +60,12 @@ class AtlasItem:
 
 
 def shrink_factors(shape_kji: Sequence[int]) -> list[int]:
-    """Multi-resolution levels, coarse to fine, that keep MIN_COARSE_VOXELS on the smallest axis."""
+    """Multi-resolution levels, coarse to fine, that keep MIN_COARSE_VOXELS on the smallest axis, the finest
+    of at most FINEST_LEVEL_MAX_VOXELS voxels where one is."""
     usable = [f for f in SHRINK_FACTORS if min(shape_kji) / f >= MIN_COARSE_VOXELS] or [1]
+    if FINEST_LEVEL_MAX_VOXELS is not None:
+        voxels = float(np.prod(shape_kji, dtype=float))
+        usable = [f for f in usable if voxels / f**3 <= FINEST_LEVEL_MAX_VOXELS] or usable[:1]
     return usable[:LEVELS]
 
 
@@ -65,11 +73,17 @@ def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.nda
                     progress: ProgressCallback = silent):
     """Affine transform mapping fixed physical points to moving ones (ITK's convention), started from
     aligned centres of mass (of the image grids when an image is blank); that start alone when the
-    optimiser fails. `progress` hears every optimiser iteration (a large volume takes seconds); an
-    exception raised from it (Cancel) stops the optimiser and is raised once ITK has returned, since
-    ITK does not pass exceptions from its callbacks on."""
+    optimiser fails. Both images are averaged over blocks of the finest level's shrink factor first.
+    `progress` hears every optimiser iteration (a large volume takes seconds); an exception raised from
+    it (Cancel) stops the optimiser and is raised once ITK has returned, since ITK does not pass
+    exceptions from its callbacks on."""
     import SimpleITK as sitk
 
+    factors = shrink_factors(fixed.shape)
+    if factors[-1] > 1:  # ITK's pyramid smooths the full images at every level: 11 of 12 s for a 128x256x256 CT
+        fixed, fixed_geometry = block_mean(fixed, fixed_geometry, factors[-1])
+        moving, moving_geometry = block_mean(moving, moving_geometry, factors[-1])
+        factors = [f // factors[-1] for f in factors]
     fixed_image = image_on_grid(_non_negative(fixed), fixed_geometry)
     moving_image = image_on_grid(_non_negative(moving), moving_geometry)
     try:
@@ -85,7 +99,6 @@ def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.nda
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, ITERATIONS)
     method.SetOptimizerScalesFromPhysicalShift()
-    factors = shrink_factors(fixed.shape)
     method.SetShrinkFactorsPerLevel(factors)
     method.SetSmoothingSigmasPerLevel([f / 2 for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
@@ -111,6 +124,19 @@ def register_affine(moving: np.ndarray, moving_geometry: Geometry, fixed: np.nda
     if raised:
         raise raised[0]
     return transform
+
+
+def block_mean(image: np.ndarray, geometry: Geometry, factor: int) -> tuple[np.ndarray, Geometry]:
+    """`image` averaged over blocks of `factor`³ voxels (a partial block at an end dropped; an axis shorter
+    than `factor` kept whole), on the grid of the blocks' centres."""
+    steps = [factor if n >= factor else 1 for n in image.shape]
+    blocks = [n // step for n, step in zip(image.shape, steps)]
+    cropped = np.asarray(image, dtype=np.float32)[tuple(slice(0, b * step) for b, step in zip(blocks, steps))]
+    averaged = cropped.reshape(blocks[0], steps[0], blocks[1], steps[1], blocks[2], steps[2]).mean(axis=(1, 3, 5))
+    centre_ijk = (np.asarray(steps[::-1], dtype=float) - 1.0) / 2.0
+    origin = geometry.ijk_to_lps(centre_ijk[None])[0]
+    spacing = tuple(s * step for s, step in zip(geometry.spacing, steps[::-1]))
+    return averaged, Geometry(spacing, tuple(float(c) for c in origin), geometry.direction, averaged.shape)
 
 
 def _non_negative(image: np.ndarray) -> np.ndarray:

@@ -45,6 +45,11 @@ ROI_MARGIN_VOXELS = 12
 MIN_WINDOW_OVERLAP_VOXELS = 16  # neighbouring windows share at least this many voxels, the fewest windows that do
 # (a brain's cerebral structures: 12 windows at 16 or 24, Dice 0.4925; 27 at 48, 0.4882; reports/window-overlap-brain)
 WINDOW_PATCHES = 3  # inference windows span up to this many training patches per axis
+# a region of at most this many voxels is seen in one window, whatever its sides: every frame (at most
+# FrameSpec.max_shape a side), as its context was encoded. Tiling a 48x128x120 frame into 4 windows of 96
+# cost 2.4x its voxels (propagation 6.4 -> 3.9 s on the benchmark; tuning structures: 5 clicks 0.8129 ->
+# 0.8122, propagation 0.7642 -> 0.7641, hippocampi identical; 0 tiles as before)
+ONE_WINDOW_MAX_VOXELS = 128**3
 PREPARED_CACHE_SIZE = 4
 DEVICE_IMAGE_CACHE_SIZE = 2  # the volume being corrected and the one before: a 512x512x300 CT is 0.3 GB there
 TRANSFORM_CACHE_SIZE = 64
@@ -60,6 +65,10 @@ CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCu
 # 0.858 -> 0.869, other 0.810 -> 0.813; its neighbours too (1 voxel): 0.864, 0.807). False: recompute.
 BORDER_CLICKS_LOCAL = True
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
+# ... and the frame voxels of context the network sees beyond that (a 48³ frame for a lone click; tuning
+# structures after 5 clicks, other / hippocampi: 12 0.8122 / 0.8691, 8 0.8110 / 0.8693 (40³, no faster on
+# 2 CPU cores), 5 0.8110 / 0.8674 (32³, 0.17 s faster))
+CORRECTION_MARGIN_VOXELS = 12
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 # the box hull goes on this fraction of a box gap past the outermost slice boxes (the structure does):
 # 18 unseen structures 0.680 -> 0.724 (a whole gap: 0.735, but the hippocampus lost 0.005; reports/ablations;
@@ -682,7 +691,7 @@ class Segmenter:
             focus = (marked.min(axis=0) - reach, marked.max(axis=0) + reach)
             if also_kji is not None:
                 focus = (np.minimum(focus[0], also_kji[0]), np.maximum(focus[1], also_kji[1]))
-            spec = dataclasses.replace(spec, margin_fraction=0.0)
+            spec = dataclasses.replace(spec, margin_fraction=0.0, margin_voxels=CORRECTION_MARGIN_VOXELS)
         if max_shape is not None:
             spec = dataclasses.replace(spec, max_shape=min(spec.max_shape, max_shape))
         return frame_around(*focus, spacing_kji, volume.geometry.shape_kji, spacing, spec,
@@ -728,6 +737,8 @@ class Segmenter:
         tokens = task.tokens.to(self.device)
         # One window sees the whole region when it fits: cut structures and prompts lose context.
         patch = tuple(min(n, w) for n, w in zip(padded_image.shape, self._window))
+        if math.prod(padded_image.shape) <= ONE_WINDOW_MAX_VOXELS:
+            patch = padded_image.shape
         tiling = [_window_tiling(n, p) for n, p in zip(padded_image.shape, patch)]
         windows = math.prod(count for count, _ in tiling)
         batch = self.window_batch if self.window_batch else self._fitting_window_batch(patch, classes)
