@@ -92,7 +92,7 @@ def limitations(rows: list[dict]) -> list[str]:
         "(`model-unaligned` below); across modalities they find nothing.",
         "- A slice box around a ring (a myocardium around its blood pool) is taken for what the ring encloses: the engine "
         "segments the pool, below the boxes themselves. A positive click on the wall and a negative one in the pool "
-        "then mean those compartments (0.02 -> 0.94 after 5 clicks on `scripts/ring_phantom.py`), but propagation "
+        "then mean those compartments (0.03 -> 0.94 after 5 clicks on `scripts/ring_phantom.py`), but propagation "
         "from boxes alone does not find a ring. "
         "Where a box lies on every slice of a small structure on 9-10 mm slices, the result is no better than the "
         "boxes (reports/engine-0.11-thick10).",
