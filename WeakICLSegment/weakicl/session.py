@@ -49,7 +49,7 @@ WINDOW_PATCHES = 3  # inference windows span up to this many training patches pe
 # FrameSpec.max_shape a side), as its context was encoded. Tiling a 48x128x120 frame into 4 windows of 96
 # cost 2.4x its voxels (propagation 6.4 -> 3.9 s on the benchmark; tuning structures: 5 clicks 0.8129 ->
 # 0.8122, propagation 0.7642 -> 0.7641, hippocampi identical; 0 tiles as before)
-ONE_WINDOW_MAX_VOXELS = 128**3
+ONE_WINDOW_MAX_VOXELS = FrameSpec.max_shape**3
 PREPARED_CACHE_SIZE = 4
 DEVICE_IMAGE_CACHE_SIZE = 2  # the volume being corrected and the one before: a 512x512x300 CT is 0.3 GB there
 TRANSFORM_CACHE_SIZE = 64
@@ -66,8 +66,8 @@ CLICK_SEED_MM = 1.0  # a point prompt's ball that ends on its side (3 mm, GrowCu
 BORDER_CLICKS_LOCAL = True
 CORRECTION_REACH_VOXELS = 10  # frame voxels around a new prompt that a correction recomputes, before margins
 # ... and the frame voxels of context the network sees beyond that (a 48³ frame for a lone click; tuning
-# structures after 5 clicks, other / hippocampi: 12 0.8122 / 0.8691, 8 0.8110 / 0.8693 (40³, no faster on
-# 2 CPU cores), 5 0.8110 / 0.8674 (32³, 0.17 s faster))
+# structures after 5 clicks, other / hippocampi: 12 0.8122 / 0.8691, 8 0.8110 / 0.8693 (40³), 5 0.8110 / 0.8674
+# (32³); timed before the oneDNN convolutions, where 40³ was no faster than 48³ on 2 CPU cores and 32³ 0.17 s faster)
 CORRECTION_MARGIN_VOXELS = 12
 TASK_CACHE_SIZE = 32  # tasks keep their references (atlas items): bounded memory
 # the box hull goes on this fraction of a box gap past the outermost slice boxes (the structure does):
