@@ -22,8 +22,8 @@ MIN_COARSE_VOXELS = 16  # the coarsest registration level keeps at least this ma
 SHRINK_FACTORS = (8, 4, 2, 1)
 LEVELS = 3
 # levels finer than the first of at most this many voxels are skipped (None: none): an affine prior needs no
-# 1M-voxel level (MNI152 onto a 224x192x160 brain MR, white / grey matter prior Dice 0.431 / 0.389 with levels
-# 8, 4, 2 and 0.434 / 0.390 with 8, 4, in 0.9 s instead of 5.1 s; scripts/benchmark_engine.py's CT 0.37 s)
+# 1M-voxel level (MNI152 onto a 224x192x160 brain MR, white / grey matter prior Dice 0.427 / 0.379 with levels
+# 8, 4, 2 and 0.434 / 0.390 with 8, 4, 2.4 s instead of 11.4 s for both: scripts/registration_levels.py)
 FINEST_LEVEL_MAX_VOXELS: int | None = 64**3
 ITERATIONS = 100
 SAMPLING_FRACTION = 0.2
