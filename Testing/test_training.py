@@ -94,6 +94,27 @@ def test_simulated_atlas_prior_lands_near_the_target_structure():
         assert 0.7 < prior.sum() / target.sum() < 1.4  # resized to the target's structure, within the 10 % jitter
 
 
+def test_atlas_prior_error_follows_the_episode_config():
+    """`atlas_shift_voxels` / `atlas_scale_jitter` set how far off the simulated registration lands."""
+    from conftest import ellipsoid
+    from weakicl.training.episodes import EpisodeConfig, simulated_atlas_prior
+
+    target = ellipsoid(PATCH, (12, 12, 12), (5, 6, 4))
+    reference = ellipsoid(PATCH, (8, 15, 10), (4, 5, 4))
+
+    def mean_miss(shift, jitter) -> float:
+        misses = []
+        for seed in range(8):
+            prior = simulated_atlas_prior([reference.astype(np.float32)], [reference], target, np.random.default_rng(seed), shift, jitter)
+            misses.append(np.linalg.norm(np.average(np.argwhere(prior > 0), axis=0, weights=prior[prior > 0]) - 12))
+        return float(np.mean(misses))
+
+    assert mean_miss((0.0, 0.0), 0.0) < 0.6  # exact registration: centred on the target structure
+    assert mean_miss((3.0, 4.0), 0.2) > 3.0
+    config = EpisodeConfig(atlas_shift_voxels=[1, 4], atlas_scale_jitter=0.2)  # as a JSON config gives them
+    assert config.atlas_shift_voxels == (1.0, 4.0) and EpisodeConfig().atlas_shift_voxels == (0.5, 2.5)
+
+
 def test_corrective_clicks_address_distinct_errors():
     from weakicl.training.episodes import corrective_clicks
 

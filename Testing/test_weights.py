@@ -2,8 +2,13 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
+
+from conftest import REPO
 
 from weakicl.errors import WeightsError
 from weakicl.weights import card_path, load_weights, save_weights, sha256_of
@@ -88,11 +93,34 @@ def test_weights_with_nan_are_refused(tiny_model, tmp_path):
     """Audit D6: all-NaN weights (a diverged run) with a matching card gave an empty mask and exit 0."""
     import copy as copying
 
-    import torch
-
     broken = copying.deepcopy(tiny_model)
     with torch.no_grad():
         next(broken.parameters()).fill_(float("nan"))
     path = save_weights(broken, tmp_path / "nan.safetensors", {"name": "diverged"})
     with pytest.raises(WeightsError, match=r"nan.safetensors: 1 of \d+ tensors hold NaN or infinite values \(.+ first"):
         load_weights(path)
+
+
+def test_average_weights_script_writes_the_mean_network_and_names_its_sources(tiny_weights, tmp_path):
+    """scripts/average_weights.py is the command behind the model-soup numbers in docs/TRAINING.md."""
+    model, _ = load_weights(tiny_weights)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    shifted = save_weights(model, tmp_path / "shifted.safetensors", {"name": "tiny-shifted"})
+    out = tmp_path / "soup.safetensors"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "average_weights.py"), str(tiny_weights), str(shifted),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    soup, card = load_weights(out)
+    original, _ = load_weights(tiny_weights)
+    for (name, averaged), source in zip(soup.named_parameters(), original.parameters()):
+        assert torch.allclose(averaged, source + 0.5, atol=1e-6), name
+    assert [entry["file"] for entry in card["averaged_from"]] == ["tiny.safetensors", "shifted.safetensors"]
+    assert card["averaged_from"][1]["sha256"] == sha256_of(shifted)
+
+
+def test_average_weights_script_refuses_one_file(tiny_weights, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "average_weights.py"), str(tiny_weights),
+                           "--out", str(tmp_path / "soup.safetensors")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "at least two" in done.stderr and not (tmp_path / "soup.safetensors").exists()

@@ -459,10 +459,11 @@ def with_corrective_clicks(prompts: torch.Tensor, previous: torch.Tensor, truth:
 
 
 def atlas_prior(sources: torch.Tensor, source_masks: torch.Tensor, target_masks: torch.Tensor, rows: torch.Tensor,
-                rng: np.random.Generator) -> torch.Tensor:
+                rng: np.random.Generator, shift_voxels: tuple[float, float] = ATLAS_SHIFT_VOXELS,
+                scale_jitter: float = ATLAS_SCALE_JITTER) -> torch.Tensor:
     """What registering references onto a target gives (as `episodes.simulated_atlas_prior`): each
     source [P, D, H, W] moved so that its structure lands near the target structure of its row (centre
-    within a few voxels, size within 10 %), averaged per row -> [N, D, H, W]."""
+    within a spread drawn from `shift_voxels`, size within `scale_jitter`), averaged per row -> [N, D, H, W]."""
     shape, device = tuple(sources.shape[1:]), sources.device
     grid = _index_grid(shape, device)
 
@@ -473,8 +474,8 @@ def atlas_prior(sources: torch.Tensor, source_masks: torch.Tensor, target_masks:
 
     target_centre, target_size = centre_and_size(target_masks)
     source_centre, source_size = centre_and_size(source_masks)
-    spread = _tensor(rng.uniform(*ATLAS_SHIFT_VOXELS, target_masks.shape[0]), device)[rows]
-    jitter = _tensor(rng.uniform(1 - ATLAS_SCALE_JITTER, 1 + ATLAS_SCALE_JITTER, len(rows)), device)
+    spread = _tensor(rng.uniform(*shift_voxels, target_masks.shape[0]), device)[rows]
+    jitter = _tensor(rng.uniform(1 - scale_jitter, 1 + scale_jitter, len(rows)), device)
     scale = source_size / target_size[rows] * jitter
     landing = target_centre[rows] + spread[:, None] * _tensor(rng.standard_normal((len(rows), 3)), device)
     offset = source_centre - scale[:, None] * landing  # output voxel x samples the source at scale * x + offset
@@ -571,7 +572,8 @@ class DeviceEpisodes:
         if atlas:
             atlas_rows = row_of_pair[atlas]
             sources = ref_prompts[atlas][:, FOREGROUND_CHANNELS].amax(1)
-            prior = atlas_prior(sources, pair_masks[atlas], truth, atlas_rows, rng)
+            prior = atlas_prior(sources, pair_masks[atlas], truth, atlas_rows, rng, self.config.atlas_shift_voxels,
+                                self.config.atlas_scale_jitter)
             target_prompts[atlas_rows, MASK_CHANNEL] = prior[atlas_rows]
         corrected = [n for n, (*_, mode, _) in enumerate(rows) if mode == "correction"]
         base_prompts = target_prompts[corrected].clone()

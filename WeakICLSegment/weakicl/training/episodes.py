@@ -55,6 +55,8 @@ class EpisodeConfig:
     fit_fraction: float = 0.5
     frame_fill: float | None = None  # real patches: the structure's longest side fills this fraction (inference framing)
     axis_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    atlas_shift_voxels: tuple[float, float] = ATLAS_SHIFT_VOXELS  # atlas episodes: the registration error's spread
+    atlas_scale_jitter: float = ATLAS_SCALE_JITTER  # ... and the prior's size error
 
     def __post_init__(self) -> None:
         for name, weights, allowed in (("mode_weights", self.mode_weights, MODES), ("prompt_weights", self.prompt_weights, PROMPT_STYLES)):
@@ -62,6 +64,7 @@ class EpisodeConfig:
             if unknown or sum(weights.values()) <= 0:
                 raise ValueError(f"{name} needs positive weights over {allowed}, got {weights}")
         self.axis_weights = tuple(float(w) for w in self.axis_weights)
+        self.atlas_shift_voxels = tuple(float(v) for v in self.atlas_shift_voxels)
         if min(self.max_classes, self.max_references, self.max_clicks) < 1:
             raise ValueError("max_classes, max_references and max_clicks must be at least 1")
 
@@ -189,15 +192,16 @@ def corrective_clicks(previous: np.ndarray, truth: np.ndarray, count: int) -> li
     return clicks
 
 
-def simulated_atlas_prior(sources: list[np.ndarray], reference_masks: list[np.ndarray], target_mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def simulated_atlas_prior(sources: list[np.ndarray], reference_masks: list[np.ndarray], target_mask: np.ndarray, rng: np.random.Generator,
+                          shift_voxels: tuple[float, float] = ATLAS_SHIFT_VOXELS, scale_jitter: float = ATLAS_SCALE_JITTER) -> np.ndarray:
     """What registering the references onto the target gives: each reference annotation (`sources`, in
-    [0, 1] on its own patch) moved so that its structure lands near the target's (centre within a few
-    voxels, size within 10 %), averaged over the references."""
+    [0, 1] on its own patch) moved so that its structure lands near the target's (centre within a spread
+    drawn from `shift_voxels` per axis, size within `scale_jitter`), averaged over the references."""
     target_centre = np.argwhere(target_mask).mean(axis=0)
     target_size = np.cbrt(target_mask.sum())
-    moved, spread = [], rng.uniform(*ATLAS_SHIFT_VOXELS)
+    moved, spread = [], rng.uniform(*shift_voxels)
     for source, mask in zip(sources, reference_masks):
-        scale = np.cbrt(mask.sum()) / target_size * rng.uniform(1 - ATLAS_SCALE_JITTER, 1 + ATLAS_SCALE_JITTER)
+        scale = np.cbrt(mask.sum()) / target_size * rng.uniform(1 - scale_jitter, 1 + scale_jitter)
         landing = target_centre + rng.normal(0, spread, 3)
         offset = np.argwhere(mask).mean(axis=0) - scale * landing  # output voxel x samples the source at scale * x + offset
         moved.append(ndimage.affine_transform(source, np.full(3, scale), offset, order=1, mode="constant"))
@@ -261,7 +265,8 @@ class EpisodeSampler:
             for index, group in enumerate(classes):
                 sources = [foreground_prior(episode.ref_prompts[index, slot]) for slot in range(len(episode.references))]
                 reference_masks = [np.isin(subjects.labels[subject], group) for subject in episode.references]
-                episode.target_prompts[index, MASK_CHANNEL] = simulated_atlas_prior(sources, reference_masks, episode.masks[index], rng)
+                episode.target_prompts[index, MASK_CHANNEL] = simulated_atlas_prior(sources, reference_masks, episode.masks[index], rng,
+                                                                                     self.config.atlas_shift_voxels, self.config.atlas_scale_jitter)
         if mode == "correction":
             episode.mode = mode
             with_corrections(episode, np.stack([corrupt_mask(m, rng) for m in episode.masks]), rng, self.config)
