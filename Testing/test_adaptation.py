@@ -224,3 +224,36 @@ def test_click_regions_can_be_switched_off(monkeypatch):
     image, pool, wall, _ = _ring_slab()
     monkeypatch.setattr(adaptation, "CLICK_REGION_TOLERANCE", None)
     assert adaptation.click_regions(image, np.ones(image.shape, bool), [Point((24, 24, 4), False)], pool | wall, wall) is None
+
+
+def test_intensities_the_box_centres_never_show_are_outside_the_structure_s_support(monkeypatch):
+    """A liver's box holds bone and fat beside it: the centres' intensities (less a tail) bound the structure."""
+    from weakicl import adaptation
+    from weakicl.adaptation import outside_support, support_range
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.4, 0.6, (4, 30, 30))
+    image[:, :, :5] = 1.5  # bone
+    image[:, :, -5:] = -0.5  # fat
+    image[2, 20:22, 20:22] = 1.5  # a bone fragment of 4 voxels in the structure's tissue
+    image[2, 25, 25] = 1.5  # one voxel: noise, as the tails the centres leave out are
+    labels = np.full(image.shape, -1, np.int8)
+    labels[1, 10:20, 10:20] = 1
+    support = support_range(image, labels)
+    assert 0.4 < support[0] < 0.41 and 0.59 < support[1] < 0.6  # 0.5 % of each tail left out
+    outside = outside_support(image, support, 0.0)
+    assert outside[:, :, :5].all() and outside[:, :, -5:].all() and outside[2, 20:22, 20:22].all()
+    assert outside[:, :, 5:-5].sum() == 4
+    assert np.array_equal(outside_support(image, support, 0.8), outside)  # a margin: -0.4 to 1.4 is the structure's
+    assert not outside_support(image, support, 1.0).any()
+    structure = np.zeros(image.shape, bool)
+    structure[:, 15:24, 15:24] = True  # holds the bone fragment whole: a cavity, spared
+    assert outside_support(image, support, 0.0, structure)[:, :, 5:-5].sum() == 0
+    structure[:, 15:24, 15:21] = False  # the fragment reaches beyond it
+    assert np.array_equal(outside_support(image, support, 0.0, structure), outside)
+    assert support_range(image, np.where(labels == 1, -1, labels)) is None  # no sure voxel: no rule
+    few = np.full(image.shape, -1, np.int8)
+    few[1, 10:12, 10:12] = 1
+    assert support_range(image, few) is None  # 4 voxels say too little (points alone)
+    monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", None)
+    assert support_range(image, labels) is None

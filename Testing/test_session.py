@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import ellipsoid, oblique_geometry
 from weakicl.errors import InputError
@@ -910,3 +911,34 @@ def test_cpu_convolutions_with_spatial_kernels_run_through_onednn_with_the_same_
     trained = onednn.decode(onednn.encode_image(image), tokens.clone(), prompts)  # with gradients: PyTorch's own path
     trained.sum().backward()
     assert all(p.grad is not None for p in onednn.decoder.parameters() if p.requires_grad)
+
+
+def test_on_ct_bone_and_fat_in_a_structure_s_boxes_are_left_out_and_an_mr_is_untouched(segmenter, monkeypatch):
+    """The support rule (`adaptation.outside_support`): on CT, what it changes is only voxels of densities
+    the box centres never show (or beside them, as a frame interpolates), all to background; an MR
+    (uncalibrated intensities) is segmented as without it."""
+    from weakicl import adaptation
+
+    shape = (20, 40, 40)
+    truth = ellipsoid(shape, (10, 20, 20), (7, 10, 10))
+    rng = np.random.default_rng(3)
+    image = np.where(truth, 50.0, -100.0) + rng.normal(0, 5, shape)  # soft tissue in fat
+    bone = np.zeros(shape, bool)
+    bone[:, 9:14, 9:14] = True  # in a corner of the middle box, beside the structure
+    image[bone] = 500.0
+    boxes = slice_boxes(truth)
+    monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)  # the competition alone keeps this bone out
+    results = {}
+    for modality in ("CT", "MR"):
+        volume = Volume(image.astype(np.float32), Geometry.identity(shape), modality)
+        task = segmenter.encode_context([(volume, boxes)])
+        with_rule = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+        monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", None)
+        results[modality] = with_rule, segmenter.segment(volume, task, target_prompts=boxes).masks[0]
+        monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", 0.005)
+    with_rule, without = results["CT"]
+    assert not (with_rule & bone).any() and (without & bone).any() and (without & ~truth & ~bone).any()  # the tiny network fills its box
+    changed = with_rule != without
+    assert not with_rule[changed].any()
+    assert not (changed & ~ndimage.binary_dilation(bone | ~truth, np.ones((3, 3, 3)))).any()
+    assert np.array_equal(*results["MR"])

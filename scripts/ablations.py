@@ -60,7 +60,7 @@ def _unchanged():
 VARIANTS = {  # name: (module constant patched, frame settings changed, what it is)
     "engine": (_unchanged(), {}, "as shipped: isotropic frames, box hull 0.6 gap past the outer boxes (to the image edge "
                "within a gap, and on past it), box centres' seeds of a typical intensity only, appearance probe 0.5, "
-               "geodesic seed competition 12, components off the prompts dropped"),
+               "geodesic seed competition 12, components off the prompts dropped, on CT no density the box centres lack"),
     "no-appearance-probe": (_patched(session, "APPEARANCE_WEIGHT", 0.0), {}, "without the test-time appearance probe"),
     "appearance-probe-1": (_patched(session, "APPEARANCE_WEIGHT", 1.0), {}, "appearance probe at weight 1"),
     "hull-not-extended": (_patched(session, "HULL_EXTENSION_GAPS", 0.0), {}, "box hull only between the outer boxes"),
@@ -87,6 +87,13 @@ VARIANTS = {  # name: (module constant patched, frame settings changed, what it 
     "anisotropy-2": (_unchanged(), {"max_anisotropy": 2.0}, "thick slices interpolated to 2x the pixel size"),
     "anisotropy-3": (_unchanged(), {"max_anisotropy": 3.0}, "thick slices interpolated to 3x the pixel size"),
     "kept-slices": (_unchanged(), {"max_anisotropy": 1e6}, "slice thickness kept (the engine before)"),
+    "no-support": (_patched(adaptation, "SUPPORT_QUANTILE", None), {}, "without the CT intensity support (engine 0.14)"),
+    "support-any-modality": (_patched(session, "SUPPORT_MODALITIES", ("CT", "MR")), {}, "the intensity support on MR too"),
+    "support-margin-25hu": (_patched(session, "SUPPORT_MARGIN_HU", 25.0), {}, "the intensity support widened by 25 HU each side"),
+    "support-quantile-0.002": (_patched(adaptation, "SUPPORT_QUANTILE", 0.002), {}, "the support leaving out 0.2 % of each tail (the engine: 0.5 %)"),
+    "support-quantile-0.01": (_patched(adaptation, "SUPPORT_QUANTILE", 0.01), {}, "the support leaving out 1 % of each tail"),
+    "support-any-run": (_patched(adaptation, "SUPPORT_MIN_REGION_VOXELS", 1), {}, "every voxel outside the support, lone ones too (the engine: runs of 4)"),
+    "support-no-cavities": (_patched(adaptation, "SUPPORT_SPARES_ENCLOSED", False), {}, "the support rule also in cavities the structure encloses"),
     "token-tuning": (_unchanged(), {}, f"task tokens tuned {TUNING_STEPS} Adam steps (lr {TUNING_LR}) against the box constraints"),
 }
 

@@ -1,6 +1,6 @@
 """Write the shipped model card from the training card and evaluation results.
 
-    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.14/results.json \
+    python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.15/results.json \
         reports/engine-0.6-network-only/results.json reports/engine-0.10-cross/results.json \
         reports/engine-0.13-points/results.json reports/engine-0.13-box3d/results.json
 
@@ -83,7 +83,8 @@ def limitations(rows: list[dict]) -> list[str]:
     alone = _dice(rows, INTERACTIVE, "unseen", "model-network-only")
     lines.append("- These are the engine's numbers: with target prompts, the network's logits are joined by a test-time "
                  "appearance probe and a geodesic seed competition from the same prompts (GrowCut's idea, "
-                 "`weakicl.geodesic`)" + (f"; the network alone reaches {alone:.3f} on unseen structures after 5 clicks "
+                 "`weakicl.geodesic`), and on CT densities the box centres never show (fat, bone) are left out "
+                 "(`adaptation.outside_support`)" + (f"; the network alone reaches {alone:.3f} on unseen structures after 5 clicks "
                                          "(`model-network-only`)." if alone is not None else "."))
     lines += [
         "- Segmenting other subjects from references relies on registering them onto the target (on by default); "

@@ -15,6 +15,7 @@ from scipy import ndimage
 from .volume import Volume
 
 CT_WINDOW = (-1000.0, 1000.0)
+CT_UNITS_PER_NORMALIZED = (CT_WINDOW[1] - CT_WINDOW[0]) / 2  # Hounsfield units per unit of a normalised CT
 MR_PERCENTILES = (0.5, 99.5)
 
 
@@ -30,7 +31,7 @@ def normalize_intensity(array: np.ndarray, modality: str = "auto") -> np.ndarray
         modality = detect_modality(array)
     if modality == "CT":
         low, high = CT_WINDOW
-        return (np.clip(array, low, high) - (low + high) / 2) / ((high - low) / 2)
+        return (np.clip(array, low, high) - (low + high) / 2) / CT_UNITS_PER_NORMALIZED
     low, high = np.percentile(array, MR_PERCENTILES)
     clipped = np.clip(array, low, high)
     return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-6)).astype(np.float32)
