@@ -2,7 +2,7 @@
 
     python scripts/model_card.py model_weights/weakicl-0.1.safetensors reports/engine-0.15/results.json \
         reports/engine-0.6-network-only/results.json reports/engine-0.10-cross/results.json \
-        reports/engine-0.13-points/results.json reports/engine-0.13-box3d/results.json
+        reports/engine-0.15-points/results.json reports/engine-0.15-box3d/results.json
 
 Adds an `evaluation` section (mean over structures per setting, group and method, with the command
 that produced it) to the JSON card beside the weights, and renders from that card
