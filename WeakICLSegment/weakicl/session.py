@@ -623,15 +623,15 @@ class Segmenter:
         return Prediction(probabilities, list(task.names), region)
 
     def _adapted_to_image(self, probabilities: np.ndarray, image: np.ndarray, frame_prompts: PromptSet,
-                          encoded: list, margin: np.ndarray | None, previous: np.ndarray | None = None,
-                          regions: np.ndarray | None = None, modality: str = "MR") -> np.ndarray:
+                          encoded: list, margin: np.ndarray | None, previous: np.ndarray | None,
+                          regions: np.ndarray | None, modality: str) -> np.ndarray:
         """The network's probabilities (1, ...) in a frame with two terms added to its logits:
         APPEARANCE_WEIGHT times a probe of the encoder's features fitted to what the slice boxes and
         clicks (and the clicks' `regions`) say for sure (`weakicl.adaptation`), bounded by APPEARANCE_LIMIT,
-        and GEODESIC_WEIGHT times the geodesic `margin` in the frame (`weakicl.geodesic`; None: none);
-        On an image of a `modality` in SUPPORT_MODALITIES (CT), a logit of at most -SUPPORT_LOGIT where the
-        frame's intensity is none of the sure structure voxels' (`adaptation.outside_support`; on the
-        image's own grid instead of the frame's, unseen structures 0.830 -> 0.821).
+        and GEODESIC_WEIGHT times the geodesic `margin` in the frame (`weakicl.geodesic`; None: none).
+        Then, on an image of a `modality` in SUPPORT_MODALITIES (CT), a logit of at most -SUPPORT_LOGIT where
+        the frame's intensity is none of the sure structure voxels' (`adaptation.outside_support`; read on
+        the image's own grid instead of the frame's, unseen structures 0.830 -> 0.821).
         `encoded` is the padded frame on the device and its encoder levels, as the sliding window left them."""
         labels = appearance_labels(frame_prompts, image, previous, regions)
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
