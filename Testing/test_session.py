@@ -928,14 +928,14 @@ def test_on_ct_bone_and_fat_in_a_structure_s_boxes_are_left_out_and_an_mr_is_unt
     image[bone] = 500.0
     boxes = slice_boxes(truth)
     monkeypatch.setattr(session, "GEODESIC_WEIGHT", 0.0)  # the competition alone keeps this bone out
-    results = {}
+    quantile, results = adaptation.SUPPORT_QUANTILE, {}
     for modality in ("CT", "MR"):
         volume = Volume(image.astype(np.float32), Geometry.identity(shape), modality)
         task = segmenter.encode_context([(volume, boxes)])
         with_rule = segmenter.segment(volume, task, target_prompts=boxes).masks[0]
         monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", None)
         results[modality] = with_rule, segmenter.segment(volume, task, target_prompts=boxes).masks[0]
-        monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", 0.005)
+        monkeypatch.setattr(adaptation, "SUPPORT_QUANTILE", quantile)
     with_rule, without = results["CT"]
     assert not (with_rule & bone).any() and (without & bone).any() and (without & ~truth & ~bone).any()  # the tiny network fills its box
     changed = with_rule != without

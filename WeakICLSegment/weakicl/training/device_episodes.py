@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..preprocess import MR_PERCENTILES
 from ..prompts import FOREGROUND_CHANNELS, MASK_CHANNEL, PROMPT_CHANNELS
-from .episodes import ATLAS_SCALE_JITTER, ATLAS_SHIFT_VOXELS, MIN_CLASS_VOXELS, EpisodeConfig, _choose
+from .episodes import MIN_CLASS_VOXELS, EpisodeConfig, _choose
 from .flat_batch import FlatBatch
 from .synthetic import MIN_STRUCTURE_VOXELS, SHAPE_KINDS, SHAPE_WEIGHTS, random_rotation
 
@@ -459,8 +459,7 @@ def with_corrective_clicks(prompts: torch.Tensor, previous: torch.Tensor, truth:
 
 
 def atlas_prior(sources: torch.Tensor, source_masks: torch.Tensor, target_masks: torch.Tensor, rows: torch.Tensor,
-                rng: np.random.Generator, shift_voxels: tuple[float, float] = ATLAS_SHIFT_VOXELS,
-                scale_jitter: float = ATLAS_SCALE_JITTER) -> torch.Tensor:
+                rng: np.random.Generator, shift_voxels: tuple[float, float], scale_jitter: float) -> torch.Tensor:
     """What registering references onto a target gives (as `episodes.simulated_atlas_prior`): each
     source [P, D, H, W] moved so that its structure lands near the target structure of its row (centre
     within a spread drawn from `shift_voxels`, size within `scale_jitter`), averaged per row -> [N, D, H, W]."""
