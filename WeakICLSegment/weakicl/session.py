@@ -631,7 +631,7 @@ class Segmenter:
         and GEODESIC_WEIGHT times the geodesic `margin` in the frame (`weakicl.geodesic`; None: none).
         Then, on an image of a `modality` in SUPPORT_MODALITIES (CT), a logit of at most -SUPPORT_LOGIT where
         the frame's intensity is none of the sure structure voxels' (`adaptation.outside_support`; read on
-        the image's own grid instead of the frame's, unseen structures 0.830 -> 0.821).
+        the image's own grid instead of the frame's, a throwaway check not kept: unseen structures 0.830 -> 0.821).
         `encoded` is the padded frame on the device and its encoder levels, as the sliding window left them."""
         labels = appearance_labels(frame_prompts, image, previous, regions)
         clipped = np.clip(probabilities, 1e-4, 1.0 - 1e-4)
