@@ -469,3 +469,24 @@ def test_a_3d_box_prompt_is_the_structures_bounding_box_and_baselines_need_slice
         BoxInterpolation().check(settings)
     with pytest.raises(InputError, match="jitter"):  # a 3D box is drawn tight: no jitter that the label would claim
         target_prompts(mask, Settings("propagate", prompt_kind="box3d", jitter=0.1), np.random.default_rng(0))
+
+
+def test_ideal_local_fix_flips_the_clicked_error_within_the_radius_only():
+    from weakicl.prompts import Point
+    from weakicl.simulation import corrective_click, ideal_local_fix
+
+    truth = np.zeros((9, 40, 9), dtype=bool)
+    truth[2:7, 2:38, 2:7] = True
+    prediction = truth.copy()
+    prediction[2:7, 2:38, 6] = False  # one missed sheet along j, 36 voxels long and 5 deep
+    click = corrective_click(prediction, truth)
+    assert click.positive
+    spacing_kji = (1.0, 2.0, 1.0)  # j voxels are 2 mm: 10 mm reaches 5 of them each way
+    near = ideal_local_fix(prediction, truth, click, 10.0, spacing_kji)
+    added = near & ~prediction
+    assert added.any() and not (added & ~truth).any()  # only error voxels, and only added
+    j = np.nonzero(added.any(axis=(0, 2)))[0]
+    assert j.min() >= click.ijk[1] - 5 and j.max() <= click.ijk[1] + 5
+    assert dice(near, truth) < dice(ideal_local_fix(prediction, truth, click, None, spacing_kji), truth) == 1.0
+    on_right_voxel = Point((4.0, 10.0, 4.0), True)  # inside the structure already: nothing to fix there
+    assert np.array_equal(ideal_local_fix(prediction, truth, on_right_voxel, 10.0, spacing_kji), prediction)

@@ -121,3 +121,30 @@ def corrective_click(prediction: np.ndarray, truth: np.ndarray, jitter: float = 
     else:
         kji = np.asarray(np.unravel_index(int(np.argmax(distance)), distance.shape)) + lo
     return Point(tuple(float(c) for c in kji[::-1]), positive)
+
+
+def ideal_local_fix(prediction: np.ndarray, truth: np.ndarray, click: Point, radius_mm: float | None,
+                    spacing_kji) -> np.ndarray:
+    """`prediction` as a perfect editor would correct it at a protocol `click`: its 26-connected error
+    component at the click's voxel flipped, within `radius_mm` of the click (None: the whole component).
+    Why: the ceiling of what corrections that act near a click can reach (`scripts/click_ceiling.py`);
+    an engine's own corrections are measured against it. A click on no error changes nothing."""
+    prediction, truth = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    voxel = tuple(int(round(c)) for c in click.ijk[::-1])
+    error = (truth & ~prediction) if click.positive else (prediction & ~truth)
+    if not error[voxel]:
+        return prediction.copy()
+    if radius_mm is not None:
+        reach = np.floor(radius_mm / np.asarray(spacing_kji, dtype=float)).astype(int)
+        lo = np.maximum(np.asarray(voxel) - reach, 0)
+        hi = np.minimum(np.asarray(voxel) + reach + 1, prediction.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        axes = np.ogrid[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        ball = sum(((axis - centre) * float(size)) ** 2 for axis, centre, size in zip(axes, voxel, spacing_kji)) <= radius_mm**2
+        within = np.zeros_like(error)
+        within[box] = error[box] & ball
+        error = within
+    components, _ = ndimage.label(error, FULL_CONNECTIVITY)
+    fixed = prediction.copy()
+    fixed[components == components[voxel]] = click.positive
+    return fixed
