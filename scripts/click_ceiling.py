@@ -1,8 +1,8 @@
 """How far corrective clicks can take a result: the engine's own corrections beside a perfect editor's.
 
 From the engine's propagation (3 slice boxes), protocol clicks (`simulation.corrective_click`) are answered
-two ways, each on its own run of clicks: by the engine, as `weakicl evaluate --protocol interactive` does,
-and by `simulation.ideal_local_fix`, which flips the click's error component within R mm of the click (and,
+two ways, each on its own run of clicks: by the engine, through the evaluation's own interactive loop
+(`evaluation.protocols.evaluate`), and by `simulation.ideal_local_fix`, which flips the click's error component within R mm of the click (and,
 for reference, the whole component). The Model v0.2 issue asks +0.08 Dice from 5 clicks; this says how
 local a correction may stay and still get there.
 
@@ -21,7 +21,7 @@ import numpy as np
 from weakicl.evaluation.manifest import MIN_VOXELS, read_manifest, select_structures, structure_mask, tuning_structures
 from weakicl.evaluation.methods import build_methods
 from weakicl.evaluation.metrics import dice
-from weakicl.evaluation.protocols import Settings, build_trial, structure_rng
+from weakicl.evaluation.protocols import Settings, build_trial, evaluate, structure_rng
 from weakicl.simulation import corrective_click, ideal_local_fix
 
 GROUPS = ("tuning-other", "tuning-hippocampus", "unseen")
@@ -47,17 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     for structure in structures:
         trial, truth = build_trial(structure, settings, structures), structure_mask(structure)
         spacing_kji = np.asarray(trial.volume.geometry.spacing, dtype=float)[::-1]
+        curves = {ENGINE: evaluate(method, structure, settings, structures).click_dice}
         start = np.asarray(method.segment(trial, [], None), dtype=bool)
-        curves = {}
-        for answer, radius in zip(answers, [None] + list(args.radii_mm) + [None]):
-            prediction, clicks, curve = start, [], [dice(start, truth)]
+        for answer, radius in zip(answers[1:], list(args.radii_mm) + [None]):
+            prediction, curve = start, [dice(start, truth)]
             rng = structure_rng(settings, structure, stream=1)
             for _ in range(args.clicks):
                 click = corrective_click(prediction, truth, 0.0, rng)
                 if click is not None:
-                    clicks.append(click)
-                    prediction = (np.asarray(method.segment(trial, clicks, prediction), dtype=bool) if answer == ENGINE
-                                  else ideal_local_fix(prediction, truth, click, radius, spacing_kji))
+                    prediction = ideal_local_fix(prediction, truth, click, radius, spacing_kji)
                 curve.append(dice(prediction, truth))
             curves[answer] = curve
         rows.append({"structure": structure.key, "name": structure.name, "dice_after_click": curves})

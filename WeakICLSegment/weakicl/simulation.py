@@ -139,7 +139,7 @@ def ideal_local_fix(prediction: np.ndarray, truth: np.ndarray, click: Point, rad
         lo = np.maximum(np.asarray(voxel) - reach, 0)
         hi = np.minimum(np.asarray(voxel) + reach + 1, prediction.shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        axes = np.ogrid[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        axes = np.ogrid[box]
         ball = sum(((axis - centre) * float(size)) ** 2 for axis, centre, size in zip(axes, voxel, spacing_kji)) <= radius_mm**2
         within = np.zeros_like(error)
         within[box] = error[box] & ball
