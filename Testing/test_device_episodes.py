@@ -112,6 +112,36 @@ def test_corrective_clicks_address_the_larger_error_first():
     assert negative.sum() == 1 and (previous[0] & ~truth[0])[negative].all()
 
 
+def test_click_rounds_on_the_device_put_each_later_click_on_the_networks_new_result():
+    import contextlib
+
+    from test_training import misses_then_overshoots
+
+    from weakicl.prompts import MASK_CHANNEL, PROMPT_CHANNELS
+    from weakicl.training.device_episodes import correct_own_predictions
+
+    batch = draw(4, max_classes=1, max_clicks=1, mode_weights={"correction": 1.0}, prompt_weights={"slice_boxes": 1.0})
+    rows = batch.correction_rows
+    truth = batch.inputs.masks[rows, 0] > 0.5
+    results = iter(misses_then_overshoots(truth.numpy()))
+    passes = []
+
+    def predict(part):
+        passes.append(part.target_prompts.clone())
+        return torch.where(torch.as_tensor(next(results))[:, None], 5.0, -5.0)
+
+    correct_own_predictions(predict, batch, np.random.default_rng(0), 1.0, contextlib.nullcontext, rounds=2)
+    missing, overshooting = misses_then_overshoots(truth.numpy())
+    assert len(passes) == 2 and not passes[0][:, MASK_CHANNEL].any()  # the first pass sees no correction inputs
+    prompts = batch.inputs.target_prompts[rows]
+    assert torch.equal(prompts[:, MASK_CHANNEL] > 0.5, torch.as_tensor(overshooting))
+    positive, negative = (prompts[:, PROMPT_CHANNELS.index(name)] == 1 for name in ("positive", "negative"))
+    assert torch.equal(positive.flatten(1).sum(1), torch.ones(len(rows), dtype=torch.long))
+    assert torch.as_tensor(truth.numpy() & ~missing)[positive].all()  # the first round's clicks, kept
+    assert torch.equal(negative.flatten(1).sum(1), torch.ones(len(rows), dtype=torch.long))
+    assert torch.as_tensor(overshooting & ~truth.numpy())[negative].all()  # the second, on the new result
+
+
 def test_training_with_device_episodes_is_deterministic_and_resumes(tmp_path):
     from weakicl.cli import main
     from weakicl.weights import load_weights

@@ -127,6 +127,76 @@ def test_corrective_clicks_address_distinct_errors():
     assert [c.positive for c in clicks] == [True, False]
 
 
+class ScriptedNetwork:
+    """Stands in for the network in a training loop's own-prediction passes: pass n returns `results[n]`
+    (boolean class masks) as logits, whatever the inputs."""
+
+    def __init__(self, results):
+        self.results, self.passes = list(results), 0
+
+    def encode_image(self, images):
+        return [images]
+
+    def encode_task(self, features, prompts):
+        import torch
+
+        return torch.zeros((prompts.shape[0], 1, 1))
+
+    def decode(self, features, tokens, prompts):
+        import torch
+
+        result = torch.as_tensor(self.results[self.passes])
+        self.passes += 1
+        return torch.where(result[:, None], 5.0, -5.0)
+
+
+def misses_then_overshoots(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two results of (C,D,H,W) `truth`: one missing its first half along K, one whole plus a block far from it."""
+    from scipy import ndimage
+
+    missing = truth.copy()
+    for index, mask in enumerate(truth):
+        k = np.flatnonzero(mask.any(axis=(1, 2)))
+        missing[index, : (k[0] + k[-1]) // 2 + 1] = False
+    far = ~ndimage.binary_dilation(truth, iterations=4)
+    overshooting = truth | far
+    return missing, overshooting
+
+
+def test_click_rounds_put_each_later_click_on_the_networks_new_result():
+    import contextlib
+
+    from weakicl.prompts import MASK_CHANNEL, PROMPT_CHANNELS
+    from weakicl.training.episodes import EpisodeConfig, EpisodeSampler
+    from weakicl.training.loop import use_own_predictions
+
+    config = EpisodeConfig(max_classes=1, max_references=1, max_clicks=1, mode_weights={"correction": 1.0},
+                           prompt_weights={"slice_boxes": 1.0})  # no points but the clicks
+    episode = EpisodeSampler(config, PATCH, 1.0, seed=0).sample(np.random.default_rng(0))
+    truth = episode.masks > 0.5
+    missing, overshooting = misses_then_overshoots(truth)
+    network = ScriptedNetwork([missing, overshooting])
+    use_own_predictions(network, [episode], np.random.default_rng(0), 1.0, config, "cpu", contextlib.nullcontext, rounds=2)
+    assert network.passes == 2
+    prompts = episode.target_prompts[0]
+    np.testing.assert_array_equal(prompts[MASK_CHANNEL] > 0.5, overshooting[0])  # the latest result
+    positive, negative = (prompts[PROMPT_CHANNELS.index(name)] for name in ("positive", "negative"))
+    centre = np.unravel_index(np.argmax(positive), positive.shape)
+    assert positive.max() == 1 and (truth[0] & ~missing[0])[centre]  # the first round's click, kept
+    centre = np.unravel_index(np.argmax(negative), negative.shape)
+    assert negative.max() == 1 and (overshooting[0] & ~truth[0])[centre]  # the second, on the new result
+
+
+def test_click_rounds_must_be_at_least_one(tmp_path):
+    from weakicl.errors import InputError
+    from weakicl.training.loop import TrainConfig
+
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps(TINY_RUN | {"click_rounds": 0}))
+    with pytest.raises(InputError, match="click_rounds"):
+        TrainConfig.from_file(path)
+
+
 def _write_case(folder, name, labels, seed):
     import SimpleITK as sitk
 

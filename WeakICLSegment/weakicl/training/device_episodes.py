@@ -587,9 +587,10 @@ class DeviceEpisodes:
 
 
 def correct_own_predictions(predict: Callable[[FlatBatch], torch.Tensor], batch: DeviceBatch, rng: np.random.Generator,
-                            fraction: float, autocast: Callable) -> None:
+                            fraction: float, autocast: Callable, rounds: int = 1) -> None:
     """Replace the corrupted-truth previous mask of about `fraction` of the correction rows by the
-    network's own prediction from the rows' prompts without correction inputs, with new clicks (in place)."""
+    network's own prediction from the rows' prompts without correction inputs, with new clicks (in place);
+    then `rounds` - 1 times predict again with those clicks and add one on the new result."""
     chosen = batch.correction_rows[_tensor(rng.random(len(batch.correction_rows)) < fraction, batch.correction_rows.device, torch.bool)]
     if not len(chosen):
         return
@@ -599,4 +600,11 @@ def correct_own_predictions(predict: Callable[[FlatBatch], torch.Tensor], batch:
     with torch.no_grad(), autocast():
         previous = predict(part)[:, 0] > 0
     clicks = rng.integers(1, batch.max_clicks + 1, len(chosen))
-    batch.inputs.target_prompts[chosen] = with_corrective_clicks(base, previous, part.masks[:, 0] > 0.5, clicks, batch.radius_vox)
+    truth = part.masks[:, 0] > 0.5
+    batch.inputs.target_prompts[chosen] = with_corrective_clicks(base, previous, truth, clicks, batch.radius_vox)
+    for _ in range(rounds - 1):
+        part = batch.inputs.select(chosen)
+        with torch.no_grad(), autocast():
+            previous = predict(part)[:, 0] > 0
+        batch.inputs.target_prompts[chosen] = with_corrective_clicks(part.target_prompts, previous, truth, np.ones(len(chosen), dtype=int),
+                                                                     batch.radius_vox)

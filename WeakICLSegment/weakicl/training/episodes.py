@@ -223,6 +223,21 @@ def with_corrections(episode: Episode, previous: np.ndarray, rng: np.random.Gene
     episode.target_prompts = prompts
 
 
+def with_next_click(episode: Episode, previous: np.ndarray, config: EpisodeConfig) -> None:
+    """A correction episode's next round, in place: `previous` (C,D,H,W), the network's result with the
+    clicks so far, becomes the mask channel and gets one more protocol click, the earlier clicks kept, as
+    the evaluation places each click on the latest result."""
+    geometry = Geometry.identity(episode.masks.shape[1:], episode.spacing_ijk)
+    prompts = episode.target_prompts.copy()
+    for index in range(episode.classes):
+        prompts[index, MASK_CHANNEL] = previous[index]
+        click = corrective_click(previous[index], episode.masks[index])
+        if click is not None:
+            drawn = rasterize(PromptSet(points=[click]), geometry, config.point_radius_mm)
+            prompts[index, POINT_CHANNELS] = np.maximum(prompts[index, POINT_CHANNELS], drawn[POINT_CHANNELS])
+    episode.target_prompts = prompts
+
+
 class EpisodeSampler:
     """Draws episodes from synthetic anatomies and (optionally) a source of real subjects."""
 

@@ -72,6 +72,10 @@ class TrainConfig:
     bce_weight: float = 1.0
     click_loss_weight: float = 0.0  # extra BCE weight within the target's point prompts (clicks must count)
     self_prediction_fraction: float = 0.3
+    # network passes over its own corrections in those episodes: after the first pass's clicks, each later
+    # round predicts again with the clicks so far and adds one protocol click on that result (the
+    # evaluation's loop), so the network learns from what its own corrections leave wrong
+    click_rounds: int = 1
     validation_cases: int = 4
     validate_every: int = 200
     checkpoint_every: int = 200
@@ -96,7 +100,10 @@ class TrainConfig:
         unknown = sorted(set(document) - known - {"description"})
         if unknown:
             raise InputError(f"{path.name}: unknown training option(s) {', '.join(unknown)}")
-        return cls(**{key: value for key, value in document.items() if key in known})
+        config = cls(**{key: value for key, value in document.items() if key in known})
+        if not isinstance(config.click_rounds, int) or config.click_rounds < 1:
+            raise InputError(f"{path.name}: click_rounds must be a whole number of at least 1, not {config.click_rounds!r}")
+        return config
 
 
 @dataclass
@@ -276,21 +283,27 @@ def split_by_class(array: np.ndarray, episodes: list) -> list[np.ndarray]:
     return [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def use_own_predictions(model, episodes: list, rng: np.random.Generator, fraction: float, episode_config, device: str, autocast) -> None:
-    """Replace the corrupted-truth previous mask of some correction episodes by the model's own prediction."""
+def use_own_predictions(model, episodes: list, rng: np.random.Generator, fraction: float, episode_config, device: str, autocast,
+                        rounds: int = 1) -> None:
+    """Replace the corrupted-truth previous mask of some correction episodes by the model's own prediction,
+    with clicks on it; then `rounds` - 1 times predict again with those clicks and add one on the new result."""
     import torch
 
-    from .episodes import with_corrections
+    from .episodes import with_corrections, with_next_click
 
     chosen = [e for e in episodes if e.mode == "correction" and rng.random() < fraction]
     if not chosen:
         return
     for episode in chosen:
         episode.target_prompts = episode.base_prompts
-    with torch.no_grad(), autocast():
-        logits, _ = episode_logits(model, chosen, device)
-    for episode, block in zip(chosen, split_by_class(logits[:, 0].cpu().numpy() > 0, chosen)):
-        with_corrections(episode, block, rng, episode_config)
+    for round_ in range(rounds):
+        with torch.no_grad(), autocast():
+            logits, _ = episode_logits(model, chosen, device)
+        for episode, block in zip(chosen, split_by_class(logits[:, 0].cpu().numpy() > 0, chosen)):
+            if round_ == 0:
+                with_corrections(episode, block, rng, episode_config)
+            else:
+                with_next_click(episode, block, episode_config)
 
 
 class StepPhases:
@@ -564,13 +577,13 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         episodes = unpack_episodes(packed)
         phases.lap("waiting for CPU episodes")
         use_own_predictions(model, episodes, np.random.default_rng([config.seed, state.step, 1]),
-                            config.self_prediction_fraction, episode_config, device, autocast)
+                            config.self_prediction_fraction, episode_config, device, autocast, config.click_rounds)
         batch, count = (flatten_episodes(episodes, device) if episodes else None), len(episodes)
         phases.lap("CPU episodes' own predictions and upload")
         if device_episodes is not None:
             drawn = device_episodes.sample(state.step, on_device)
             correct_own_predictions(lambda part: batch_logits(model, part), drawn, np.random.default_rng([config.seed, state.step, 3]),
-                                    config.self_prediction_fraction, autocast)
+                                    config.self_prediction_fraction, autocast, config.click_rounds)
             batch = drawn.inputs if batch is None else batch.joined(drawn.inputs)
             count += len(drawn.modes)
             phases.lap("device episodes")
