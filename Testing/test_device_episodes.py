@@ -17,7 +17,7 @@ PATCH = (24, 24, 24)
 TINY_NET = {"channels": [4, 8], "query_tokens": 2, "attention_heads": 2, "task_layers": 1, "patch_size": list(PATCH)}
 TINY_RUN = {
     "net": TINY_NET, "episodes": {"max_classes": 2, "max_references": 2}, "cache": None, "episodes_per_step": 3,
-    "device_synthetic_fraction": 1.0, "self_prediction_fraction": 0.5, "click_loss_weight": 4.0,
+    "device_synthetic_fraction": 1.0, "self_prediction_fraction": 0.5, "click_rounds": 2, "click_loss_weight": 4.0,
     "total_steps": 3, "warmup_steps": 1, "log_every": 1, "validate_every": 10, "checkpoint_every": 2, "threads": 1,
 }
 
