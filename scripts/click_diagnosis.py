@@ -38,10 +38,11 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recompute-border-clicks", action="store_true", help="turn session.BORDER_CLICKS_LOCAL off")
+    parser.add_argument("--weights", default=None, help="network weights (.safetensors; default: the shipped ones)")
     args = parser.parse_args()
     session.BORDER_CLICKS_LOCAL = not args.recompute_border_clicks
     cases, document = read_manifest(args.manifest)
-    (method,) = build_methods(["model"], None, "cpu")
+    (method,) = build_methods(["model"], args.weights, "cpu")
     settings = Settings("interactive")
     rows = []
     for structure in [s for s in tuning_structures(cases, document) if s.group == args.group]:
@@ -64,7 +65,8 @@ def main() -> None:
                "border": summarise([row for row in rows if row["depth_voxels"] is not None and row["depth_voxels"] <= BORDER_DEPTH]),
                "deeper": summarise([row for row in rows if row["depth_voxels"] is None or row["depth_voxels"] > BORDER_DEPTH])}
     print(json.dumps(summary, indent=1))
-    command = f"python scripts/click_diagnosis.py --group {args.group}" + (" --recompute-border-clicks" if args.recompute_border_clicks else "")
+    command = (f"python scripts/click_diagnosis.py --group {args.group}" + (" --recompute-border-clicks" if args.recompute_border_clicks else "")
+               + (f" --weights {args.weights}" if args.weights else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": command, "summary": summary, "rows": rows}, indent=1))
 
