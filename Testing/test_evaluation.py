@@ -490,3 +490,23 @@ def test_ideal_local_fix_flips_the_clicked_error_within_the_radius_only():
     assert dice(near, truth) < dice(ideal_local_fix(prediction, truth, click, None, spacing_kji), truth) == 1.0
     on_right_voxel = Point((4.0, 10.0, 4.0), True)  # inside the structure already: nothing to fix there
     assert np.array_equal(ideal_local_fix(prediction, truth, on_right_voxel, 10.0, spacing_kji), prediction)
+
+
+def test_own_box_ceiling_draws_boxes_on_one_masks_slices_around_another(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from own_box_ceiling import boxes_on
+
+    from weakicl.simulation import slice_fractions, slice_positions
+
+    slices_of = np.zeros((20, 16, 16), dtype=bool)
+    slices_of[2:11, 5:9, 5:9] = True
+    around = np.zeros_like(slices_of)
+    around[0:8, 0:7, 3:12] = True  # ends before slices_of does: its last slice gets no box
+    boxes = boxes_on(slices_of, around, 0).boxes
+    positions = slice_positions(slices_of, slice_fractions(4), 0)
+    assert [int(b.lo_ijk[2]) for b in boxes] == positions[:-1] and positions[-1] >= 8
+    assert all(b.lo_ijk[:2] == (3.0, 0.0) and b.hi_ijk[:2] == (11.0, 6.0) for b in boxes)  # around's extent, IJK
+    grown = boxes_on(slices_of, around, 0, grow=1).boxes
+    assert all(b.lo_ijk[:2] == (2.0, 0.0) and b.hi_ijk[:2] == (12.0, 7.0) for b in grown)  # clipped at the image edge
