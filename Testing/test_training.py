@@ -266,6 +266,29 @@ def test_three_steps_write_loadable_weights_and_resume_continues(tmp_path, tiny_
     assert load_weights(out / "weakicl.safetensors")[1]["training"]["steps"] == 5
 
 
+def test_a_checkpoint_exports_as_the_weights_a_run_would_write_at_that_step(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from weakicl.cli import main
+    from weakicl.weights import load_weights
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN | {"cache": None, "checkpoint_every": 2, "validate_every": 10}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--steps", "2"]) == 0
+    export = tmp_path / "step2" / "weakicl.safetensors"
+    script = [sys.executable, str(REPO / "scripts" / "export_checkpoint.py")]
+    assert subprocess.run(script + [str(out), "--out", str(export)], capture_output=True).returncode == 0
+    assert export.read_bytes() == (out / "weakicl.safetensors").read_bytes()  # the step-2 checkpoint is the run's end
+    card = load_weights(export)[1]
+    assert card["training"]["steps"] == 2 and "step 2" in card["weights"] and card["data"][0]["collection"] == "synthetic"
+    refused = subprocess.run(script + [str(tmp_path), "--out", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "no checkpoint" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_resume_from_a_checkpoint_without_optimizer_moments(tmp_path, capsys):
     """The shipped checkpoint carries weights and counters only; continuing it must work."""
     from weakicl.cli import main

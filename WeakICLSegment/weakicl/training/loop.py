@@ -479,6 +479,39 @@ def model_card(config: TrainConfig, state: TrainState, collections: list[str], d
     }
 
 
+def training_collections(config: TrainConfig) -> list[str]:
+    """What a run trains on, for its model card: synthetic tasks and the collections of its cache's training split."""
+    from .data import read_index
+
+    if not config.cache:
+        return ["synthetic"]
+    return ["synthetic"] + sorted({entry["collection"] for entry in read_index(config.cache)["cases"] if entry["split"] == "train"})
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """The EMA weights of a checkpoint (or a run's output folder) as weights and model card at `out`, so a run
+    can be judged at any checkpointed step (it writes its own weights only at its end). The checkpoint does
+    not record the hardware, so the card says so."""
+    from safetensors.torch import load_file
+
+    from ..network import NetConfig, WeakICLNet
+    from ..weights import save_weights
+
+    if (checkpoint / CHECKPOINT / "state.json").is_file():
+        checkpoint = checkpoint / CHECKPOINT
+    if not (checkpoint / "state.json").is_file() or not (checkpoint / "ema.safetensors").is_file():
+        raise InputError(f"no checkpoint in {checkpoint} (expected state.json and ema.safetensors)")
+    document = json.loads((checkpoint / "state.json").read_text())
+    config, state = TrainConfig(**document["config"]), TrainState(**document["state"])
+    model = WeakICLNet(NetConfig(**config.net))
+    model.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
+    collections = training_collections(config) if config.cache and Path(config.cache).is_dir() else ["synthetic", "see training.config.cache"]
+    card = model_card(config, state, collections, "cpu")
+    card["training"]["hardware"] = "not recorded in the checkpoint"
+    card["weights"] += f", exported from the checkpoint of step {state.step}"
+    return save_weights(model, out, card)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training configuration JSON (see configs/)")
     parser.add_argument("--out", help="output folder: checkpoints, curves, validation log, final weights")
@@ -522,7 +555,7 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
     from ..network import NetConfig, WeakICLNet
     from ..devices import resolve_device
     from ..weights import save_weights
-    from .data import CachedSubjects, load_cases, read_index
+    from .data import CachedSubjects, load_cases
     from .device_episodes import DeviceEpisodes, correct_own_predictions
     from .episodes import EpisodeConfig, EpisodeSampler
 
@@ -537,12 +570,11 @@ def train(config: TrainConfig, out: Path, minutes: float | None = None, resume: 
         raise InputError(f"invalid training config: {error}") from None
     if not 0.0 <= config.device_synthetic_fraction <= 1.0:
         raise InputError("invalid training config: device_synthetic_fraction must lie in [0, 1]")
-    real, validation_cases, collections = None, [], ["synthetic"]
+    real, validation_cases, collections = None, [], training_collections(config)
     if config.cache:
         real = CachedSubjects(load_cases(config.cache, "train"), net_config.patch_size, config.collection_weights,
                               episode_config.fit_fraction, episode_config.frame_fill)
         validation_cases = load_cases(config.cache, "validation", limit=config.validation_cases)
-        collections += sorted({entry["collection"] for entry in read_index(config.cache)["cases"] if entry["split"] == "train"})
     sampler = EpisodeSampler(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, real)
     on_device = round(config.episodes_per_step * config.device_synthetic_fraction)
     device_episodes = DeviceEpisodes(episode_config, net_config.patch_size, net_config.working_spacing_mm, config.seed, device) if on_device else None
