@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run's output folder holding checkpoint/")
     parser.add_argument("--out", type=Path, required=True, help="the weights file to write (.safetensors; its card beside it)")
     args = parser.parse_args(argv)
+    if args.out.suffix != ".safetensors":
+        parser.error("--out must end in .safetensors")
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         print(export_checkpoint(args.checkpoint, args.out))
