@@ -595,16 +595,12 @@ def correct_own_predictions(predict: Callable[[FlatBatch], torch.Tensor], batch:
     if not len(chosen):
         return
     part = batch.inputs.select(chosen)
-    base = batch.base_prompts[torch.isin(batch.correction_rows, chosen)]
-    part.target_prompts = base
-    with torch.no_grad(), autocast():
-        previous = predict(part)[:, 0] > 0
-    clicks = rng.integers(1, batch.max_clicks + 1, len(chosen))
+    part.target_prompts = batch.base_prompts[torch.isin(batch.correction_rows, chosen)]
     truth = part.masks[:, 0] > 0.5
-    batch.inputs.target_prompts[chosen] = with_corrective_clicks(base, previous, truth, clicks, batch.radius_vox)
-    for _ in range(rounds - 1):
-        part = batch.inputs.select(chosen)
+    clicks = rng.integers(1, batch.max_clicks + 1, len(chosen))  # the first round's; one a round after it
+    for _ in range(rounds):
         with torch.no_grad(), autocast():
             previous = predict(part)[:, 0] > 0
-        batch.inputs.target_prompts[chosen] = with_corrective_clicks(part.target_prompts, previous, truth, np.ones(len(chosen), dtype=int),
-                                                                     batch.radius_vox)
+        part.target_prompts = with_corrective_clicks(part.target_prompts, previous, truth, clicks, batch.radius_vox)
+        clicks = np.ones(len(chosen), dtype=int)
+    batch.inputs.target_prompts[chosen] = part.target_prompts

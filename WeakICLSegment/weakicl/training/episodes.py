@@ -212,28 +212,26 @@ def with_corrections(episode: Episode, previous: np.ndarray, rng: np.random.Gene
     """Put previous masks (C,D,H,W) and 1..max_clicks corrective clicks into the target prompts, in place."""
     base = episode.base_prompts if episode.base_prompts is not None else episode.target_prompts.copy()
     episode.base_prompts = base
-    prompts = base.copy()
-    geometry = Geometry.identity(episode.masks.shape[1:], episode.spacing_ijk)
-    for index in range(episode.classes):
-        prompts[index, MASK_CHANNEL] = previous[index]
-        clicks = corrective_clicks(previous[index], episode.masks[index], int(rng.integers(1, config.max_clicks + 1)))
-        if clicks:
-            drawn = rasterize(PromptSet(points=clicks), geometry, config.point_radius_mm)
-            prompts[index, POINT_CHANNELS] = np.maximum(prompts[index, POINT_CHANNELS], drawn[POINT_CHANNELS])
-    episode.target_prompts = prompts
+    counts = [int(rng.integers(1, config.max_clicks + 1)) for _ in range(episode.classes)]
+    _with_clicks(episode, base.copy(), previous, counts, config)
 
 
 def with_next_click(episode: Episode, previous: np.ndarray, config: EpisodeConfig) -> None:
     """A correction episode's next round, in place: `previous` (C,D,H,W), the network's result with the
     clicks so far, becomes the mask channel and gets one more protocol click, the earlier clicks kept, as
     the evaluation places each click on the latest result."""
+    _with_clicks(episode, episode.target_prompts.copy(), previous, [1] * episode.classes, config)
+
+
+def _with_clicks(episode: Episode, prompts: np.ndarray, previous: np.ndarray, counts: list[int], config: EpisodeConfig) -> None:
+    """`prompts` (C,5,D,H,W) with `previous` in the mask channel and up to `counts` protocol clicks per class
+    added to the point channels, as the episode's target prompts."""
     geometry = Geometry.identity(episode.masks.shape[1:], episode.spacing_ijk)
-    prompts = episode.target_prompts.copy()
-    for index in range(episode.classes):
+    for index, count in enumerate(counts):
         prompts[index, MASK_CHANNEL] = previous[index]
-        click = corrective_click(previous[index], episode.masks[index])
-        if click is not None:
-            drawn = rasterize(PromptSet(points=[click]), geometry, config.point_radius_mm)
+        clicks = corrective_clicks(previous[index], episode.masks[index], count)
+        if clicks:
+            drawn = rasterize(PromptSet(points=clicks), geometry, config.point_radius_mm)
             prompts[index, POINT_CHANNELS] = np.maximum(prompts[index, POINT_CHANNELS], drawn[POINT_CHANNELS])
     episode.target_prompts = prompts
 

@@ -393,12 +393,16 @@ def _architecture(net: dict) -> dict:
     return {key: value for key, value in net.items() if key != "extra"}
 
 
+def checkpoint_folder(folder: Path) -> Path:
+    """The checkpoint in `folder`: the folder itself, or a run's output folder's CHECKPOINT."""
+    return folder / CHECKPOINT if (folder / CHECKPOINT / "state.json").is_file() else folder
+
+
 def load_checkpoint(folder: Path, model, ema, optimizer, config: TrainConfig) -> TrainState:
     import torch
     from safetensors.torch import load_file
 
-    if (folder / CHECKPOINT / "state.json").is_file():
-        folder = folder / CHECKPOINT
+    folder = checkpoint_folder(folder)
     if not (folder / "state.json").is_file():
         raise InputError(f"no checkpoint to resume in {folder} (expected state.json)")
     document = json.loads((folder / "state.json").read_text())
@@ -497,15 +501,14 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     from ..network import NetConfig, WeakICLNet
     from ..weights import save_weights
 
-    if (checkpoint / CHECKPOINT / "state.json").is_file():
-        checkpoint = checkpoint / CHECKPOINT
+    checkpoint = checkpoint_folder(checkpoint)
     if not (checkpoint / "state.json").is_file() or not (checkpoint / "ema.safetensors").is_file():
         raise InputError(f"no checkpoint in {checkpoint} (expected state.json and ema.safetensors)")
     document = json.loads((checkpoint / "state.json").read_text())
     config, state = TrainConfig(**document["config"]), TrainState(**document["state"])
     model = WeakICLNet(NetConfig(**config.net))
     model.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
-    collections = training_collections(config) if config.cache and Path(config.cache).is_dir() else ["synthetic", "see training.config.cache"]
+    collections = training_collections(config) if not config.cache or Path(config.cache).is_dir() else ["synthetic", "see training.config.cache"]
     card = model_card(config, state, collections, "cpu")
     card["training"]["hardware"] = "not recorded in the checkpoint"
     card["weights"] += f", exported from the checkpoint of step {state.step}"
