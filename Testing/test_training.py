@@ -32,6 +32,26 @@ def test_synthetic_subjects_have_shape_range_and_are_deterministic():
     assert not np.array_equal(labels[0], labels[1])  # subjects differ by their deformation
 
 
+def test_look_alike_contrasts_copy_another_labels_intensity_and_draw_nothing_when_off():
+    from weakicl.training.synthetic import SIMILAR_OFFSET, random_contrast, with_look_alikes
+
+    rng, untouched = np.random.default_rng(5), np.random.default_rng(5)
+    means = np.array([0.1, 0.5, 0.9])
+    with_look_alikes(means, rng, 0.0)
+    np.testing.assert_array_equal(means, [0.1, 0.5, 0.9])
+    assert rng.random() == untouched.random()  # the episode stream of older configs stands
+
+    close = 0
+    for seed in range(40):
+        plain = random_contrast(6, np.random.default_rng(seed)).means
+        alike = random_contrast(6, np.random.default_rng(seed), similar_fraction=1.0).means
+        np.testing.assert_array_equal(plain[0], alike[0])  # the background keeps its own intensity
+        for label in np.flatnonzero(plain != alike):
+            gaps = np.abs(np.delete(alike, label) - alike[label])
+            assert gaps.min() <= SIMILAR_OFFSET[1] + 1e-9  # within the offset of some other label
+            close += 1
+    assert close >= 40  # about half of 6 labels in each of 40 contrasts
+
 @pytest.mark.parametrize("seed", range(4))
 def test_sampled_episodes_are_consistent(seed):
     from weakicl.training.episodes import MODES, EpisodeConfig, EpisodeSampler

@@ -28,7 +28,7 @@ from ..preprocess import MR_PERCENTILES
 from ..prompts import FOREGROUND_CHANNELS, MASK_CHANNEL, PROMPT_CHANNELS
 from .episodes import MIN_CLASS_VOXELS, EpisodeConfig, _choose
 from .flat_batch import FlatBatch
-from .synthetic import MIN_STRUCTURE_VOXELS, SHAPE_KINDS, SHAPE_WEIGHTS, random_rotation
+from .synthetic import MIN_STRUCTURE_VOXELS, SHAPE_KINDS, SHAPE_WEIGHTS, random_rotation, with_look_alikes
 
 DEVICE_STREAM = 2  # the step's seed is [seed, s, 2]; the CPU sampler uses [seed, s], its self-prediction [seed, s, 1]
 BOX, HULL, POSITIVE, NEGATIVE = (PROMPT_CHANNELS.index(name) for name in ("box", "box_hull", "positive", "negative"))
@@ -507,7 +507,10 @@ class DeviceEpisodes:
         layouts = random_layouts(count, self.shape, rng, generator)
         labels = deform(layouts[_tensor(owner, device, torch.long)], rng, generator)
         values = int(layouts.max()) + 1
-        means = rng.uniform(0, 1, (count, values))[owner] + rng.normal(0, 0.05, (len(owner), values))
+        layout_means = rng.uniform(0, 1, (count, values))
+        for row in layout_means:
+            with_look_alikes(row, rng, config.similar_contrast_fraction)
+        means = layout_means[owner] + rng.normal(0, 0.05, (len(owner), values))
         spreads = rng.uniform(0.005, 0.08, (count, values))[owner]
         images = render(labels, _tensor(np.clip(means, 0, 1), device), _tensor(spreads, device), rng, generator)
         counts = torch.zeros((len(owner), values), device=device).scatter_add_(

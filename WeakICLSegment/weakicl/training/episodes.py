@@ -45,6 +45,7 @@ class EpisodeConfig:
     prompt_weights: dict = field(default_factory=lambda: {"slice_boxes": 0.45, "box3d": 0.15, "points": 0.2, "boxes_points": 0.2})
     synthetic_fraction: float = 0.5
     synthetic_anatomies: int = 5000
+    similar_contrast_fraction: float = 0.0  # synthetic subjects with look-alike neighbours (`synthetic.random_contrast`)
     max_classes: int = 3
     max_references: int = 4
     dense_reference_fraction: float = 0.4
@@ -243,7 +244,8 @@ class EpisodeSampler:
         self.config = config
         self.patch_size = tuple(int(p) for p in patch_size)
         self.spacing_ijk = (float(spacing_mm),) * 3
-        self.synthetic = SyntheticTasks(self.patch_size, seed, config.synthetic_anatomies)
+        self.synthetic = SyntheticTasks(self.patch_size, seed, config.synthetic_anatomies,
+                                        similar_fraction=config.similar_contrast_fraction)
         self.real = real
 
     def draw_subjects(self, rng: np.random.Generator, references: int) -> Subjects:
