@@ -96,6 +96,13 @@ def test_the_same_seed_and_step_give_the_same_episodes():
     assert first.inputs.images.shape != other.inputs.images.shape or not torch.equal(first.inputs.images, other.inputs.images)
 
 
+def test_look_alike_neighbours_render_other_images_on_the_device():
+    plain, alike = draw(4, step=3), draw(4, step=3, similar_contrast_fraction=1.0)
+    assert plain.modes == alike.modes  # drawn before the intensities
+    assert not torch.equal(plain.inputs.images[0], alike.inputs.images[0])
+    assert torch.isfinite(alike.inputs.images).all() and (alike.inputs.masks.flatten(1).sum(1) > 0).all()
+
+
 def test_corrective_clicks_address_the_larger_error_first():
     from weakicl.prompts import MASK_CHANNEL, PROMPT_CHANNELS
     from weakicl.training.device_episodes import with_corrective_clicks
