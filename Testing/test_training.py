@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,7 +401,7 @@ def test_one_shot_runs_warm_up_from_their_first_step_and_decay_with_the_clock():
     assert 0.95e-3 < learning_rate(config, 9_000) < 1e-3  # by steps: 9 % of total_steps, near the peak
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu_small", "cpu", "cpu_atlas", "gpu", "cpu_v02", "cpu_v02b", "cpu_v02c", "cpu_v02d", "gpu_v02", "gpu_v03", "gpu_v04", "cpu_v02g", "gpu_v05"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (Path(__file__).resolve().parent.parent / "configs").glob("*.json")))
 def test_every_shipped_config_builds_its_network_and_sampler(name):
     from conftest import REPO
     from weakicl.network import NetConfig
