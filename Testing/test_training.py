@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 PATCH = (24, 24, 24)
 TINY_RUN = {
@@ -52,6 +52,7 @@ def test_look_alike_contrasts_copy_another_labels_intensity_and_draw_nothing_whe
             assert gaps.min() <= SIMILAR_OFFSET[1] + 1e-9  # within the offset of some other label
             close += 1
     assert close >= 40  # about half of 6 labels in each of 40 contrasts
+
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sampled_episodes_are_consistent(seed):
@@ -291,8 +292,6 @@ def test_a_checkpoint_exports_as_the_weights_a_run_would_write_at_that_step(tmp_
     import subprocess
     import sys
 
-    from conftest import REPO
-
     from weakicl.cli import main
     from weakicl.weights import load_weights
 
@@ -401,9 +400,8 @@ def test_one_shot_runs_warm_up_from_their_first_step_and_decay_with_the_clock():
     assert 0.95e-3 < learning_rate(config, 9_000) < 1e-3  # by steps: 9 % of total_steps, near the peak
 
 
-@pytest.mark.parametrize("name", sorted(path.stem for path in (Path(__file__).resolve().parent.parent / "configs").glob("*.json")))
+@pytest.mark.parametrize("name", sorted(path.stem for path in (REPO / "configs").glob("*.json")))
 def test_every_shipped_config_builds_its_network_and_sampler(name):
-    from conftest import REPO
     from weakicl.network import NetConfig
     from weakicl.training.episodes import EpisodeConfig
     from weakicl.training.loop import TrainConfig

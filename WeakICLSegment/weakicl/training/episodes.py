@@ -45,7 +45,7 @@ class EpisodeConfig:
     prompt_weights: dict = field(default_factory=lambda: {"slice_boxes": 0.45, "box3d": 0.15, "points": 0.2, "boxes_points": 0.2})
     synthetic_fraction: float = 0.5
     synthetic_anatomies: int = 5000
-    similar_contrast_fraction: float = 0.0  # synthetic subjects with look-alike neighbours (`synthetic.random_contrast`)
+    similar_contrast_fraction: float = 0.0  # synthetic subjects with look-alike neighbours (`synthetic.with_look_alikes`)
     max_classes: int = 3
     max_references: int = 4
     dense_reference_fraction: float = 0.4
